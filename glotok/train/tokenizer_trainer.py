@@ -1,0 +1,319 @@
+"""The GloTok tokenizer trainer: a generator engine and a discriminator engine under DeepSpeed.
+
+Reads top-down: build -> resume from the newest complete checkpoint -> ``while step < max:
+train_step(); log(); maybe save()`` -> final checkpoint and reconstruction grid.
+
+The same code runs as one plain process (CPU, the embedded default), under ``torchrun``, and on
+every Ray Train worker of a GPU cluster: :func:`init_distributed` reads the environment.
+
+GAN step (works at ZeRO 0-3, see STACK.md §2.5): the generator step calls the discriminator
+through ``d_engine.module`` with its parameters frozen, so the discriminator engine's hooks see
+no gradient; the discriminator step then runs through its own engine on ``sg[recon]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import deepspeed
+import torch
+from omegaconf import OmegaConf
+
+from glotok.config import ConfigError, to_dict, to_yaml
+from glotok.losses.tokenizer_loss import TokenizerObjective
+from glotok.models.tokenizer import GloTokTokenizer
+from glotok.models.quantizer import code_statistics
+from glotok.train.checkpoint import CheckpointManager
+from glotok.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from glotok.train.ema import EMA
+from glotok.train.metrics import MetricsLogger
+from glotok.train.rng import rng_state, seed_everything, set_rng_state
+from glotok.utils.images import reconstruction_grid, save_png
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[setting]
+
+
+def deepspeed_config(cfg, dtype: torch.dtype) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        # We pass our own torch.optim.Adam: a config-declared optimizer would JIT-build
+        # DeepSpeed's fused Adam, minutes on a CPU machine.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _adam(params, lr: float, cfg, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
+
+
+class BatchStream:
+    """Endless batches from a DataLoader, with the position a checkpoint needs to continue.
+
+    The loader's order is a pure function of (seed, epoch, rank, worker), so restoring the
+    number of batches consumed reproduces the exact next batch.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.consumed = 0
+        self._it: Optional[Iterator] = None
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iter(self.loader)
+        self.consumed += 1
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._it = iter(self.loader)
+        for _ in range(state["consumed"]):
+            next(self._it)
+        self.consumed = state["consumed"]
+
+
+def build_teacher_tensor(hist_cfg) -> torch.Tensor:
+    from glotok.config import SAMPLE_TEACHER
+    from glotok.losses.teacher import TeacherHistogram
+
+    if hist_cfg.teacher == SAMPLE_TEACHER:
+        from glotok.data.sample_teacher import ensure_sample_teacher
+
+        path = ensure_sample_teacher(bins=hist_cfg.bins, alpha=hist_cfg.alpha)
+    else:
+        path = hist_cfg.teacher
+    return TeacherHistogram.load(path).tensor()
+
+
+def build_image_loader(data_cfg, image_size: int, dist_info: DistInfo, train: bool = True):
+    from glotok.data.shards import expand_shards, make_image_loader
+
+    if data_cfg.source == "sample":
+        from glotok.data.sample import ensure_sample_shards
+
+        shards = ensure_sample_shards()
+    else:
+        shards = expand_shards(data_cfg.source)
+    return make_image_loader(
+        shards, image_size, data_cfg.batch_size, num_workers=data_cfg.num_workers,
+        rank=dist_info.rank, world_size=dist_info.world_size, seed=data_cfg.seed,
+        crop_range=data_cfg.crop_range, random_flip=data_cfg.random_flip, train=train)
+
+
+class TokenizerTrainer:
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.dist = init_distributed()
+        self.device = self.dist.device
+        self.dtype = resolve_precision(cfg.train.precision, self.device)
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        barrier()
+
+        # Identical initial weights on every rank, whatever the stage.
+        seed_everything(cfg.train.seed)
+        hist = None
+        if cfg.loss.hist_weight > 0:
+            from glotok.losses.histogram import HistogramRelationLoss
+
+            h = cfg.loss.hist
+            hist = HistogramRelationLoss(build_teacher_tensor(h), bins=h.bins, alpha=h.alpha,
+                                         chunk_size=h.chunk_size)
+        model = GloTokTokenizer(cfg.model, hist_loss=hist)
+        ds_cfg = deepspeed_config(cfg, self.dtype)
+        self.g_engine, *_ = deepspeed.initialize(
+            model=model, optimizer=_adam(model.parameters(), cfg.optim.lr, cfg.optim, self.device),
+            config=ds_cfg)
+        self.engines = {"generator": self.g_engine}
+        self.d_engine = None
+        if cfg.loss.gan_weight > 0:
+            from glotok.models.discriminator import PatchGANDiscriminator
+
+            disc = PatchGANDiscriminator(3, cfg.loss.disc.ndf, cfg.loss.disc.n_layers)
+            self.d_engine, *_ = deepspeed.initialize(
+                model=disc, optimizer=_adam(disc.parameters(), cfg.optim.disc_lr or cfg.optim.lr,
+                                            cfg.optim, self.device),
+                config=ds_cfg)
+            self.engines["discriminator"] = self.d_engine
+        perceptual = None
+        if cfg.loss.perceptual_weight > 0:
+            from glotok.models.perceptual import build_perceptual
+
+            p = cfg.loss.perceptual
+            perceptual = build_perceptual(p.backbone, p.vgg_path, p.lin_path).to(self.device)
+        self.objective = TokenizerObjective(cfg.loss, perceptual)
+        self.ema = EMA(self.g_engine.module, cfg.train.ema_decay) if cfg.train.ema else None
+
+        self.stream = BatchStream(build_image_loader(cfg.data, cfg.model.image_size, self.dist))
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                             self.dist.rank, self.dist.world_size)
+        self.step = 0
+        self.samples_seen = 0
+        # Per-rank data seeds differ, so the augmentation RNG in this process is seeded by rank.
+        seed_everything(cfg.train.seed * 1000 + self.dist.rank + 1)
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict, dict]:
+        trainer = {"step": self.step, "samples_seen": self.samples_seen, "config": to_dict(self.cfg),
+                   "ema": self.ema.state_dict() if self.ema else None}
+        return trainer, {"rng": rng_state(), "data": self.stream.state_dict()}
+
+    def save(self) -> None:
+        trainer, rank_state = self.state()
+        self.checkpoints.save(self.step, self.engines, trainer, rank_state)
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint, if there is one."""
+        info = self.checkpoints.latest()
+        if info is None:
+            return False
+        saved = self._saved_model_config(info.path)
+        if saved is not None and saved != to_dict(self.cfg)["model"]:
+            raise ConfigError(f"run directory {self.run_dir} holds a checkpoint of a different "
+                              f"model (config key 'model' differs); use another run.name")
+        trainer, rank_state = self.checkpoints.load(info, self.engines)
+        self.step, self.samples_seen = trainer["step"], trainer["samples_seen"]
+        if self.ema is not None and trainer.get("ema") is not None:
+            self.ema.load_state_dict(trainer["ema"])
+        set_rng_state(rank_state["rng"])
+        self.stream.load_state_dict(rank_state["data"])
+        log.info("resumed from %s at step %d", info.path, self.step)
+        return True
+
+    @staticmethod
+    def _saved_model_config(path: Path) -> Optional[dict]:
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        return state.get("config", {}).get("model")
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        g, d = self.g_engine, self.d_engine
+        x = images.to(self.device, non_blocking=True)
+        x_in = x.to(self.dtype)
+        gan = d is not None and self.objective.gan_active(self.step)
+
+        out = g(x_in)
+        logits_fake = None
+        if gan:
+            d.module.requires_grad_(False)
+            logits_fake = d.module(out["recon"])
+        loss, terms = self.objective.generator_loss(x, out, logits_fake)
+        g.backward(loss)
+        g.step()
+        if self.ema is not None:
+            self.ema.update(g.module)
+
+        if gan:
+            d.module.requires_grad_(True)
+            fake = out["recon"].detach()
+            d_loss, d_terms = self.objective.discriminator_loss(d(x_in), d(fake))
+            d.backward(d_loss)
+            d.step()
+            terms.update(d_terms)
+        return terms
+
+    # ---- loop ----------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.resume()
+        metrics = MetricsLogger(self.run_dir, enabled=self.dist.is_main,
+                                total_steps=cfg.train.max_steps, start_step=self.step,
+                                config=to_dict(cfg), wandb=cfg.run.wandb,
+                                project=cfg.run.wandb_project, run_name=cfg.run.name)
+        sums: dict[str, torch.Tensor] = {}
+        n, t_last, last = 0, time.perf_counter(), {}
+        self._reset_usage()
+        while self.step < cfg.train.max_steps:
+            batch = next(self.stream)
+            terms = self.train_step(batch["image"])
+            self.step += 1
+            self.samples_seen += batch["image"].shape[0] * self.dist.world_size
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v
+            n += 1
+            metrics.advance()
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                dt = time.perf_counter() - t_last
+                last = self._summarise(sums, n, dt)
+                metrics.log(self.step, last)
+                sums, n, t_last = {}, 0, time.perf_counter()
+            if cfg.train.image_every and self.step % cfg.train.image_every == 0:
+                self.write_grid(metrics, f"images/step_{self.step:08d}.png")
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.save()
+        if self.checkpoints.latest() is None or self.checkpoints.latest().step != self.step:
+            self.save()
+        grid = self.write_grid(metrics, "reconstructions.png")
+        metrics.close()
+        return {"step": self.step, "metrics": last, "run_dir": str(self.run_dir),
+                "checkpoint": str(self.checkpoints.latest().path), "grid": str(grid)}
+
+    def _reset_usage(self) -> None:
+        for q in self.g_engine.module.quantizers.values():
+            q.reset_usage()
+
+    def _summarise(self, sums: dict, n: int, dt: float) -> dict[str, float]:
+        keys = sorted(sums)
+        # One reduction for all loss terms (means over ranks) and one per codebook's counts.
+        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) / n
+                           for k in keys])
+        vec = all_reduce_sum(vec) / self.dist.world_size
+        out = {f"loss/{k}": float(v) for k, v in zip(keys, vec.tolist())}
+        for name, q in self.g_engine.module.quantizers.items():
+            counts = all_reduce_sum(q.usage.clone())
+            stats = code_statistics(counts)
+            out[f"codebook/{name}_usage"] = stats["usage"]
+            out[f"codebook/{name}_perplexity"] = stats["perplexity"]
+        self._reset_usage()
+        images = n * self.cfg.data.batch_size * self.dist.world_size
+        out["img_per_s"] = images / max(dt, 1e-9)
+        out["img_per_s_per_worker"] = out["img_per_s"] / self.dist.world_size
+        out["lr"] = self.g_engine.get_lr()[0]
+        if self.device.type == "cuda":
+            out["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    @torch.no_grad()
+    def write_grid(self, metrics: MetricsLogger, rel: str) -> Path:
+        """Originals beside reconstructions of a fixed, center-cropped batch. Collective under
+        ZeRO-3 (every rank runs the forward); rank 0 writes the PNG."""
+        if not hasattr(self, "_grid_batch"):
+            loader = build_image_loader(OmegaConf.merge(self.cfg.data, {"num_workers": 0}),
+                                        self.cfg.model.image_size,
+                                        DistInfo(0, 1, 0, self.device), train=False)
+            self._grid_batch = next(iter(loader))["image"][:8]
+        model = self.g_engine.module
+        model.eval()
+        x = self._grid_batch.to(self.device)
+        recon = model(x.to(self.dtype))["recon"].float()
+        model.train()
+        path = self.run_dir / rel
+        if self.dist.is_main:
+            grid = reconstruction_grid(x, recon)
+            save_png(grid, path)
+            metrics.image(self.step, "reconstructions", grid)
+        return path
