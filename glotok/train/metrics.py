@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,7 +56,7 @@ class MetricsLogger:
             return None
         # The run id lives in the run directory, so a resumed run continues the same wandb run.
         id_file = self.run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(project=project, name=run_name, id=run_id, resume="allow", mode=mode,
                           dir=str(self.run_dir), config=config)
