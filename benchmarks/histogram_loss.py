@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
               f"{value_diff:.2e}  max|dgrad| {grad_diff:.2e} ({grad_rel:.1e} of max|grad|)")
     big = _run_case("chunked", args.big, args, device)
     print(f"n={args.big:6d}  chunked {big['ms']:9.1f} ms {big['peak_mb']:8.1f} MB "
-          f"(naive would hold a {args.big * (args.big - 1) // 2 * BINS * 4 / 2**30:.0f} GB "
+          f"(naive would hold a {args.big * (args.big - 1) // 2 * BINS * 4 / 2**30:.0f} GiB "
           f"pairs x bins tensor)")
     summary = {"device": hw, "torch": torch.__version__, "dim": args.dim,
                "chunk_size": args.chunk_size, "repeats": args.repeats, "sizes": sizes,

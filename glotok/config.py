@@ -160,6 +160,26 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 1000  # steps; 0 only at the end
     keep_last: int = 3
+    # Upload in a background thread: training stalls only for the local write.
+    async_upload: bool = True
+    # On SIGTERM (preemption, `ray job stop`), finish the step, checkpoint, exit. If that takes
+    # longer than this, the process exits anyway (the previous checkpoint stays the latest).
+    sigterm_grace_s: float = 120.0
+    # Local scratch for staging uploads and restoring from object storage
+    # (default $GLOTOK_LOCAL_DIR or ~/.cache/glotok/local).
+    local_dir: Optional[str] = None
+
+
+@dataclass
+class ClusterConfig:
+    """How the job is laid out on Ray: one Ray Train worker per rank."""
+
+    num_workers: int = 1
+    use_gpu: str = "auto"  # auto: GPUs when the Ray cluster has them; or "true" / "false"
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 3  # worker-group restarts (each resumes from the newest checkpoint)
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
 
 
 @dataclass
@@ -180,6 +200,7 @@ class TokenizerJobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,10 +375,24 @@ def _validate_tokenizer(cfg: Any) -> None:
     _require(t.image_every >= 0, "train.image_every", "must be >= 0 (0 = off)")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _require(cfg.checkpoint.sigterm_grace_s > 0, "checkpoint.sigterm_grace_s", "must be > 0")
+    _validate_cluster(cfg.cluster)
     _require(cfg.run.wandb in ("auto", "online", "offline", "disabled"), "run.wandb",
              f"'{cfg.run.wandb}' is not one of auto, online, offline, disabled")
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name",
              "must be a non-empty name without '/'")
+
+
+def _validate_cluster(c: Any) -> None:
+    _require(c.num_workers >= 1, "cluster.num_workers", "must be >= 1")
+    _require(c.use_gpu in ("auto", "true", "false"), "cluster.use_gpu",
+             f"'{c.use_gpu}' is not one of auto, true, false")
+    _require(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
+    _require(c.gpus_per_worker > 0, "cluster.gpus_per_worker", "must be > 0")
+    _require(c.max_failures >= 0, "cluster.max_failures", "must be >= 0")
+    strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    _require(c.placement_strategy in strategies, "cluster.placement_strategy",
+             f"'{c.placement_strategy}' is not one of {strategies}")
 
 
 def fields_of(schema: type) -> list[str]:

@@ -42,3 +42,64 @@ def sample_shards() -> list[str]:
     from glotok.data.sample import ensure_sample_shards
 
     return ensure_sample_shards()
+
+
+# --- S3: a real S3 API (moto's server) on loopback --------------------------------------------
+
+
+class MotoS3:
+    """moto's S3 server on 127.0.0.1 at a free port. The objects live in this process's moto
+    backend, not in the server thread, so :meth:`stop` + :meth:`start` is an outage a client
+    really sees (connections reset, then refused) after which the data is back, as with a
+    restarted MinIO."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()  # werkzeug closes the listening socket: the port is free again
+            self._server = None
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request
+    server = MotoS3()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the session's S3 server, as ``s3://<bucket>``; the AWS_* variables
+    point at the server for this test only."""
+    import uuid
+
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    bucket = f"glotok-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True,
+                      client_kwargs={"endpoint_url": s3_server.endpoint}).mkdir(bucket)
+    return f"s3://{bucket}"

@@ -12,6 +12,7 @@ import torch
 
 from glotok.config import load_config
 from glotok.train.checkpoint import MANIFEST, CheckpointManager, read_manifest
+from glotok.utils.storage import Storage
 
 
 def make_cfg(repo, run_dir, *overrides):
@@ -50,7 +51,7 @@ def test_short_run_lowers_reconstruction_loss_and_uses_both_codebooks(repo, tmp_
     assert m[60]["img_per_s"] > 0
     # It leaves a resolved config, a complete checkpoint and the reconstruction grids.
     assert load_config(run / "config.yaml").train.max_steps == 60
-    assert read_manifest(run / "checkpoints" / "step_00000060") is not None
+    assert read_manifest(Storage(run / "checkpoints"), "step_00000060") is not None
     assert (run / "reconstructions.png").stat().st_size > 0
     assert (run / "images" / "step_00000030.png").is_file()
     assert result["checkpoint"].endswith("step_00000060")
@@ -78,18 +79,20 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(repo, tmp_path):
 
 
 def test_half_written_checkpoint_is_never_the_latest(tmp_path):
-    mgr = CheckpointManager(tmp_path)
-    good = tmp_path / "step_00000010"
-    (good / "x").mkdir(parents=True)
-    (good / "x" / "w.pt").write_bytes(b"1234")
-    mgr._commit(good, 10)
-    broken = tmp_path / "step_00000020"  # a save killed before its manifest
-    (broken / "x").mkdir(parents=True)
-    (broken / "x" / "w.pt").write_bytes(b"12")
-    truncated = tmp_path / "step_00000030"  # manifest present, a file cut short afterwards
-    (truncated / "x").mkdir(parents=True)
-    (truncated / "x" / "w.pt").write_bytes(b"123456")
-    mgr._commit(truncated, 30)
-    (truncated / "x" / "w.pt").write_bytes(b"123")
+    storage = Storage(tmp_path)
+    mgr = CheckpointManager(storage, tmp_path / ".staging")
+
+    def fake_save(step, data, commit=True):
+        name = f"step_{step:08d}"
+        storage.write_bytes(f"{name}/x/w.pt", data)
+        storage.write_text(f"{name}/.ranks/rank_00000.json", json.dumps(
+            {"files": {"x/w.pt": {"size": len(data), "sha256": "-"}}}))
+        if commit:
+            mgr._commit(step, name)
+
+    fake_save(10, b"1234")
+    fake_save(20, b"12", commit=False)  # a save killed before its manifest
+    fake_save(30, b"123456")
+    storage.write_bytes("step_00000030/x/w.pt", b"123")  # a file cut short after the manifest
     assert mgr.latest().step == 10
-    assert (tmp_path / "step_00000030" / MANIFEST).exists()
+    assert storage.exists(f"step_00000030/{MANIFEST}")

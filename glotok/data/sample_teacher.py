@@ -4,7 +4,11 @@ GloTok's teacher is the histogram of pairwise cosines among k-means centroids of
 vision model's pooled patch features (GLOTOK.md). The sample set has no DINOv2 at hand, so this
 uses the ImageNet EfficientNet-Lite0 that ``glotok[sample]`` ships, in the same recipe: the
 stride-16 feature map of each photo at 256x256 (16x16 positions, like ViT-B/14 patches at 224),
-4x4-average-pooled to 16 vectors per photo, k-means, histogram of the centroids.
+4x4-average-pooled to 16 vectors per photo, k-means, histogram of the centroids. The features
+come from the teacher registry (``glotok.teacher``, ``efficientnet_lite0``).
+
+Cache version 2: version 1 scaled the input twice (``net.normalize`` before ``features``, which
+normalises again); the histograms differ by at most 1.3e-4 per bin, but a v1 file is not reused.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 STRIDE16_TAP = 3  # EfficientNetPerceptual taps: strides 2, 4, 8, 16, 32
+CACHE_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -29,16 +33,14 @@ def sample_features(image_size: int = 256, pool: int = 4) -> torch.Tensor:
     """(N * (image_size/16/pool)^2, C) pooled stride-16 EfficientNet-Lite0 features."""
     from glotok.data.sample import sample_photo_paths
     from glotok.data.shards import center_crop_arr, decode_image
-    from glotok.models.perceptual import EfficientNetPerceptual
+    from glotok.teacher import build_feature_extractor
 
-    net = EfficientNetPerceptual()
+    extractor = build_feature_extractor("efficientnet_lite0", tap=STRIDE16_TAP, pool=pool)
     feats = []
     for _key, path, _label in sample_photo_paths():
         img = center_crop_arr(decode_image(Path(path).read_bytes()), image_size)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
-        f = net.features(net.normalize(x))[STRIDE16_TAP]  # (1, C, 16, 16)
-        f = F.avg_pool2d(f, pool)  # (1, C, 4, 4)
-        feats.append(f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1)[None]
+        feats.append(extractor(x))  # (16, C)
     return torch.cat(feats)
 
 
@@ -48,7 +50,8 @@ def ensure_sample_teacher(bins: int = 40, alpha: float = 190.0, k: int = 128,
     from glotok.losses.teacher import build_teacher
 
     root = Path(cache_dir) if cache_dir else cache_root()
-    out = root / "teacher" / f"sample-efficientnet_lite0-k{k}-bins{bins}-alpha{alpha:g}.json"
+    out = root / "teacher" / (f"sample-efficientnet_lite0-v{CACHE_VERSION}-k{k}-bins{bins}"
+                              f"-alpha{alpha:g}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

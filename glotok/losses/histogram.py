@@ -124,7 +124,7 @@ class _ChunkedPairHistogram(torch.autograd.Function):
         ctx.bins, ctx.alpha, ctx.chunk_size = bins, alpha, chunk_size
         centers = _scaled_centers(bins, alpha)
         out = torch.zeros(bins, device=x.device, dtype=x.dtype)
-        for a, b, s, _ in _chunk_sims(x, chunk_size, alpha):
+        for _, _, s, _ in _chunk_sims(x, chunk_size, alpha):
             _kernel_sums(s, centers, out, torch.empty_like(s))
         return out
 

@@ -50,11 +50,11 @@ class TeacherFileError(ValueError):
 
 
 def _glotok_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("glotok")
-    except Exception:  # not installed (running from a checkout)
+    except PackageNotFoundError:  # running from a checkout that was never pip-installed
         import glotok
 
         return str(getattr(glotok, "__version__", "unknown"))
@@ -248,8 +248,8 @@ def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0, spherical: bool = 
         return x.clone()
     gen = torch.Generator(device=x.device).manual_seed(seed)
     sample = x
-    if n > init_sample:
-        sample = x[torch.randperm(n, generator=gen, device=x.device)[:init_sample]]
+    if n > max(init_sample, k):
+        sample = x[torch.randperm(n, generator=gen, device=x.device)[:max(init_sample, k)]]
     c = _kmeans_pp(sample, k, gen)
     assign = None
     for _ in range(iters):
@@ -271,16 +271,21 @@ def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0, spherical: bool = 
 def _kmeans_pp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     """k-means++ seeding: each new centre drawn with probability proportional to D(x)^2."""
     n = x.shape[0]
+    x_sq = (x * x).sum(dim=1)
+
+    def sq_dist(i: int) -> Tensor:  # |x - x_i|^2 by one mat-vec, without an (n, d) temporary
+        return (x_sq - 2.0 * (x @ x[i]) + x_sq[i]).clamp_(min=0.0)
+
     idx = [int(torch.randint(n, (1,), generator=gen, device=x.device))]
-    d2 = ((x - x[idx[0]]) ** 2).sum(dim=1)
+    d2 = sq_dist(idx[0])
     for _ in range(1, k):
         total = d2.sum()
-        if total <= 0:  # fewer distinct points than k: take any unused row
+        if total <= 0:  # fewer distinct points than k: any row will do
             nxt = int(torch.randint(n, (1,), generator=gen, device=x.device))
         else:
             nxt = int(torch.multinomial(d2 / total, 1, generator=gen))
         idx.append(nxt)
-        d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(dim=1))
+        d2 = torch.minimum(d2, sq_dist(nxt))
     return x[idx].clone()
 
 

@@ -86,8 +86,29 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
+        self.enabled = False
         if self._bar is not None:
             self._bar.close()
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def memory_stats(device) -> dict[str, float]:
+    """Peak memory of this process: accelerator memory on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return {"mem/peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def sync_run_files(run_dir: Path, storage) -> None:
+    """Copy the run's small local files (metrics log, image grids) to remote run storage."""
+    run_dir = Path(run_dir)
+    for f in [run_dir / "metrics.jsonl", run_dir / "reconstructions.png",
+              *sorted((run_dir / "images").glob("*.png"))]:
+        if f.is_file():
+            storage.put(f, str(f.relative_to(run_dir)))

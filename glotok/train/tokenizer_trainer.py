@@ -13,11 +13,12 @@ no gradient; the discriminator step then runs through its own engine on ``sg[rec
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import deepspeed
 import torch
@@ -27,12 +28,14 @@ from glotok.config import ConfigError, to_dict, to_yaml
 from glotok.losses.tokenizer_loss import TokenizerObjective
 from glotok.models.tokenizer import GloTokTokenizer
 from glotok.models.quantizer import code_statistics
-from glotok.train.checkpoint import CheckpointManager
+from glotok.train.checkpoint import DS_TAG, CheckpointManager
 from glotok.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from glotok.train.ema import EMA
-from glotok.train.metrics import MetricsLogger
+from glotok.train.metrics import MetricsLogger, memory_stats, sync_run_files
+from glotok.train.preemption import StopSignal
 from glotok.train.rng import rng_state, seed_everything, set_rng_state
 from glotok.utils.images import reconstruction_grid, save_png
+from glotok.utils.storage import Storage, local_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +123,31 @@ def build_image_loader(data_cfg, image_size: int, dist_info: DistInfo, train: bo
 
 
 class TokenizerTrainer:
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, stop_check: Optional[Callable[[], bool]] = None):
         self.cfg = cfg
         self.dist = init_distributed()
         self.device = self.dist.device
         self.dtype = resolve_precision(cfg.train.precision, self.device)
-        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        # The run lives in `storage` (a local directory or s3://...). Metrics, wandb and images
+        # are written to a local directory first (the run directory itself when it is local)
+        # and copied to storage with every checkpoint.
+        self.storage = Storage(f"{cfg.run.output_dir}/{cfg.run.name}")
+        self.run_dir = (Path(self.storage.path()) if self.storage.local
+                        else local_cache_dir(f"{cfg.run.name}/run", cfg.checkpoint.local_dir))
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            self.storage.write_text("config.yaml", to_yaml(cfg))
+        ckpt_storage = self.storage.child("checkpoints")
+        staging = (Path(ckpt_storage.path()) / ".staging" if ckpt_storage.local
+                   else local_cache_dir(f"{cfg.run.name}/staging", cfg.checkpoint.local_dir))
+        self.checkpoints = CheckpointManager(ckpt_storage, staging, cfg.checkpoint.keep_last,
+                                             self.dist.rank, self.dist.world_size,
+                                             cfg.checkpoint.async_upload)
+        self.resume_from = self.checkpoints.latest()
+        # A checkpoint from another number of ranks is re-partitioned through DeepSpeed's
+        # universal format, which must be chosen when the engines are built.
+        self.universal = (self.resume_from is not None and cfg.train.zero_stage > 0
+                          and self.resume_from.world_size != self.dist.world_size)
+        self.stop = StopSignal(cfg.checkpoint.sigterm_grace_s, stop_check)
         barrier()
 
         # Identical initial weights on every rank, whatever the stage.
@@ -142,6 +161,8 @@ class TokenizerTrainer:
                                          chunk_size=h.chunk_size)
         model = GloTokTokenizer(cfg.model, hist_loss=hist)
         ds_cfg = deepspeed_config(cfg, self.dtype)
+        if self.universal:
+            ds_cfg["checkpoint"] = {"load_universal": True}
         self.g_engine, *_ = deepspeed.initialize(
             model=model, optimizer=_adam(model.parameters(), cfg.optim.lr, cfg.optim, self.device),
             config=ds_cfg)
@@ -166,8 +187,6 @@ class TokenizerTrainer:
         self.ema = EMA(self.g_engine.module, cfg.train.ema_decay) if cfg.train.ema else None
 
         self.stream = BatchStream(build_image_loader(cfg.data, cfg.model.image_size, self.dist))
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                             self.dist.rank, self.dist.world_size)
         self.step = 0
         self.samples_seen = 0
         # Per-rank data seeds differ, so the augmentation RNG in this process is seeded by rank.
@@ -180,32 +199,40 @@ class TokenizerTrainer:
                    "ema": self.ema.state_dict() if self.ema else None}
         return trainer, {"rng": rng_state(), "data": self.stream.state_dict()}
 
-    def save(self) -> None:
+    def save(self, blocking: bool = False) -> float:
+        """Checkpoint the current step; returns the seconds training was blocked."""
         trainer, rank_state = self.state()
-        self.checkpoints.save(self.step, self.engines, trainer, rank_state)
+        stall = self.checkpoints.save(self.step, self.engines, trainer, rank_state,
+                                      blocking=blocking)
+        if self.dist.is_main and not self.storage.local:
+            sync_run_files(self.run_dir, self.storage)
+        return stall
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint, if there is one."""
-        info = self.checkpoints.latest()
+        info = self.resume_from
         if info is None:
             return False
-        saved = self._saved_model_config(info.path)
+        saved = self.checkpoints.read_trainer_state(info).get("config", {}).get("model")
         if saved is not None and saved != to_dict(self.cfg)["model"]:
-            raise ConfigError(f"run directory {self.run_dir} holds a checkpoint of a different "
-                              f"model (config key 'model' differs); use another run.name")
-        trainer, rank_state = self.checkpoints.load(info, self.engines)
+            raise ConfigError(f"run {self.storage.url} holds a checkpoint of a different model "
+                              f"(config key 'model' differs); use another run.name")
+        tag = (self.checkpoints.prepare_universal(info, list(self.engines)) if self.universal
+               else DS_TAG)
+        trainer, rank_state = self.checkpoints.load(info, self.engines, tag=tag)
         self.step, self.samples_seen = trainer["step"], trainer["samples_seen"]
         if self.ema is not None and trainer.get("ema") is not None:
             self.ema.load_state_dict(trainer["ema"])
-        set_rng_state(rank_state["rng"])
-        self.stream.load_state_dict(rank_state["data"])
-        log.info("resumed from %s at step %d", info.path, self.step)
+        if "rng" in rank_state:
+            set_rng_state(rank_state["rng"])
+        if info.world_size == self.dist.world_size:
+            self.stream.load_state_dict(rank_state["data"])
+        else:
+            self.stream.load_state_dict_repartitioned(
+                self.checkpoints.read_all_rank_states(info), info.world_size)
+        log.info("resumed from %s at step %d (saved by %d ranks, now %d)", info.url, self.step,
+                 info.world_size, self.dist.world_size)
         return True
-
-    @staticmethod
-    def _saved_model_config(path: Path) -> Optional[dict]:
-        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-        return state.get("config", {}).get("model")
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -238,45 +265,71 @@ class TokenizerTrainer:
     # ---- loop ----------------------------------------------------------------------------------
 
     def train(self) -> dict:
+        """Run to ``train.max_steps`` (or until asked to stop). Returns a summary dict;
+        ``stopped`` is True when a signal ended the run early, after a checkpoint."""
         cfg = self.cfg
         self.resume()
         metrics = MetricsLogger(self.run_dir, enabled=self.dist.is_main,
                                 total_steps=cfg.train.max_steps, start_step=self.step,
                                 config=to_dict(cfg), wandb=cfg.run.wandb,
                                 project=cfg.run.wandb_project, run_name=cfg.run.name)
+        self.stop.install()
         sums: dict[str, torch.Tensor] = {}
-        n, t_last, last = 0, time.perf_counter(), {}
+        n, t_last, last, stopped = 0, time.perf_counter(), {}, False
+        timing = {"data_s": 0.0, "ckpt_stall_s": 0.0}
         self._reset_usage()
-        while self.step < cfg.train.max_steps:
-            batch = next(self.stream)
-            terms = self.train_step(batch["image"])
-            self.step += 1
-            self.samples_seen += batch["image"].shape[0] * self.dist.world_size
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v
-            n += 1
-            metrics.advance()
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                dt = time.perf_counter() - t_last
-                last = self._summarise(sums, n, dt)
-                metrics.log(self.step, last)
-                sums, n, t_last = {}, 0, time.perf_counter()
-            if cfg.train.image_every and self.step % cfg.train.image_every == 0:
-                self.write_grid(metrics, f"images/step_{self.step:08d}.png")
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                self.save()
-        if self.checkpoints.latest() is None or self.checkpoints.latest().step != self.step:
-            self.save()
-        grid = self.write_grid(metrics, "reconstructions.png")
-        metrics.close()
-        return {"step": self.step, "metrics": last, "run_dir": str(self.run_dir),
-                "checkpoint": str(self.checkpoints.latest().path), "grid": str(grid)}
+        try:
+            while self.step < cfg.train.max_steps:
+                t0 = time.perf_counter()
+                batch = next(self.stream)
+                timing["data_s"] += time.perf_counter() - t0
+                terms = self.train_step(batch["image"])
+                self.step += 1
+                self.samples_seen += batch["image"].shape[0] * self.dist.world_size
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0) + v
+                n += 1
+                metrics.advance()
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    last = self._summarise(sums, n, time.perf_counter() - t_last, timing)
+                    metrics.log(self.step, last)
+                    sums, n, t_last = {}, 0, time.perf_counter()
+                    timing = {"data_s": 0.0, "ckpt_stall_s": 0.0}
+                if cfg.train.image_every and self.step % cfg.train.image_every == 0:
+                    self.write_grid(metrics, f"images/step_{self.step:08d}.png")
+                if self.stop.agreed(self.device):
+                    stopped = True
+                    break
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    timing["ckpt_stall_s"] += self.save()
+            latest = self.checkpoints.latest()
+            if stopped or latest is None or latest.step != self.step:
+                self.save(blocking=True)
+            self.checkpoints.wait()
+            grid = None
+            if not stopped:
+                grid = self.write_grid(metrics, "reconstructions.png")
+            if self.dist.is_main:
+                metrics.close()
+                if not self.storage.local:
+                    sync_run_files(self.run_dir, self.storage)
+        finally:
+            self.stop.uninstall()
+            metrics.close()
+        latest = self.checkpoints.latest()
+        result = {"step": self.step, "metrics": last, "run_dir": self.storage.url,
+                  "checkpoint": latest.url if latest else None,
+                  "grid": f"{self.storage.url}/reconstructions.png" if grid else None,
+                  "stopped": stopped, "save": dict(self.checkpoints.last_save)}
+        if self.dist.is_main:
+            self.storage.write_text("result.json", json.dumps(result, indent=1))
+        return result
 
     def _reset_usage(self) -> None:
         for q in self.g_engine.module.quantizers.values():
             q.reset_usage()
 
-    def _summarise(self, sums: dict, n: int, dt: float) -> dict[str, float]:
+    def _summarise(self, sums: dict, n: int, dt: float, timing: dict) -> dict[str, float]:
         keys = sorted(sums)
         # One reduction for all loss terms (means over ranks) and one per codebook's counts.
         vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) / n
@@ -293,8 +346,12 @@ class TokenizerTrainer:
         out["img_per_s"] = images / max(dt, 1e-9)
         out["img_per_s_per_worker"] = out["img_per_s"] / self.dist.world_size
         out["lr"] = self.g_engine.get_lr()[0]
-        if self.device.type == "cuda":
-            out["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        out["data_wait_frac"] = timing["data_s"] / max(dt, 1e-9)
+        if timing["ckpt_stall_s"]:
+            out["ckpt/stall_s"] = timing["ckpt_stall_s"]
+        if "save_s" in self.checkpoints.last_save:
+            out["ckpt/save_s"] = self.checkpoints.last_save["save_s"]
+        out.update(memory_stats(self.device))
         return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
     @torch.no_grad()
