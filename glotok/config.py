@@ -122,15 +122,24 @@ class TokenizerLossConfig:
 class DataConfig:
     """Where images come from and how they are augmented."""
 
-    # "sample" (the built-in photos, sharded once into the cache) or a shard pattern such as
-    # "/data/imagenet/train-{000000..001023}.tar".
+    # "sample" (the built-in photos, sharded once into the cache), a manifest written by
+    # tools/make_shards.py ("s3://bucket/imagenet/train/manifest.json" or a local path), or a
+    # shard pattern such as "/data/imagenet/train-{000000..001023}.tar".
     source: str = "sample"
     batch_size: int = 8  # per rank, per step
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader workers per rank; each reads its own shards
     crop_range: float = 1.1  # LlamaGen: resize the short side to size*crop_range, random crop
     random_flip: bool = True
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples per worker (held as JPEG bytes: ~110 MB on ImageNet)
     seed: int = 0
+    prefetch_factor: int = 2  # batches each worker keeps ready
+    read_ahead: int = 1  # shards each worker downloads while it decodes the current one
+    retries: int = 5  # per shard read, with exponential backoff, before failing naming it
+    retry_backoff: float = 0.5  # seconds before the first retry; doubles each time
+    # S3-compatible stores; None: AWS_ENDPOINT_URL / AWS_PROFILE. Keys never go in a config:
+    # they come from the environment, a profile or an instance role.
+    s3_endpoint_url: Optional[str] = None
+    s3_profile: Optional[str] = None
 
 
 @dataclass
@@ -361,6 +370,11 @@ def _validate_tokenizer(cfg: Any) -> None:
     _require(d.batch_size >= 1, "data.batch_size", "must be >= 1")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.crop_range >= 1.0, "data.crop_range", "must be >= 1.0 (1.0 = no random crop)")
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 or 1 = no shuffle)")
+    _require(d.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+    _require(d.read_ahead >= 0, "data.read_ahead", "must be >= 0 (0 = fetch when needed)")
+    _require(d.retries >= 0 and d.retry_backoff >= 0, "data.retries",
+             "data.retries and data.retry_backoff must be >= 0")
     _require(o.lr > 0, "optim.lr", "must be > 0")
     _require(o.disc_lr is None or o.disc_lr > 0, "optim.disc_lr", "must be > 0 or null")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",

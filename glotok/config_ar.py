@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from glotok.config import CheckpointConfig, ConfigError, RunConfig, load_config
+from glotok.config import (CheckpointConfig, ClusterConfig, ConfigError, RunConfig,
+                           _validate_cluster, load_config)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class ARJobConfig:
     train: ARTrainConfig = field(default_factory=ARTrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: ARSampleConfig = field(default_factory=ARSampleConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def load_ar_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Any:
@@ -157,6 +159,8 @@ def validate_ar(cfg: Any) -> None:
              "batch_size and num_images must be >= 1")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _require(cfg.checkpoint.sigterm_grace_s > 0, "checkpoint.sigterm_grace_s", "must be > 0")
+    _validate_cluster(cfg.cluster)  # the same Ray layout rules as the tokenizer's
     _require(cfg.run.wandb in ("auto", "online", "offline", "disabled"), "run.wandb",
              f"'{cfg.run.wandb}' is not one of auto, online, offline, disabled")
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name",

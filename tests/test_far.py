@@ -1,5 +1,5 @@
 """The FAR generator and its sampler: causality, KV cache, guidance, kernels, training signal,
-sizes, class dropout, configs."""
+sizes, class dropout, configs, FLOP counting."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from glotok.config_ar import ARModelConfig, load_ar_config
 from glotok.models.attention import KVCache, attend, flash_attn_installed
 from glotok.models.far import SEMANTIC, VISUAL, FARTransformer
 from glotok.sampling import filter_logits, generate
+from glotok.utils.flops import count_flops, far_train_flops, mfu, peak_flops
 
 V_VIS, V_SEM, GRID, CLASSES = 37, 23, 4, 10
 L = GRID * GRID
@@ -276,3 +277,29 @@ def test_ar_configs_load_and_build_on_the_meta_device(repo, name):
 def test_a_bad_ar_setting_names_its_key(repo, override, key):
     with pytest.raises(ConfigError, match=key):
         load_ar_config(repo / "configs/ar/sample.yaml", [override])
+
+
+def test_rope_table_stays_exact_fp32_through_dtype_casts_and_to_empty():
+    m = FARTransformer(tiny_cfg())
+    table = m.rope.clone()
+    assert torch.equal(m.to(torch.bfloat16).rope, table)
+    with torch.device("meta"):
+        meta = FARTransformer(tiny_cfg())
+    meta.to_empty(device="cpu")
+    assert torch.equal(meta.rope, table)
+
+
+def test_counted_training_flops_equal_the_analytic_formula():
+    cfg = tiny_cfg()
+    with torch.device("meta"):
+        m = FARTransformer(cfg).train()
+        idx, labels = torch.zeros(3, 2, GRID, GRID, dtype=torch.long), torch.zeros(3).long()
+    counted = count_flops(lambda: m(idx, labels)["loss"].backward())
+    assert counted == far_train_flops(cfg, batch=3)
+
+
+def test_mfu_is_null_with_a_reason_where_the_peak_is_unknown():
+    peak, reason = peak_flops("cpu", torch.bfloat16)
+    assert peak is None and "CPU" in reason
+    assert mfu(1e12, 1.0, peak) is None
+    assert mfu(989e12 / 2, 1.0, 989e12) == pytest.approx(0.5)

@@ -36,11 +36,12 @@ def sample_features(image_size: int = 256, pool: int = 4) -> torch.Tensor:
     from glotok.teacher import build_feature_extractor
 
     extractor = build_feature_extractor("efficientnet_lite0", tap=STRIDE16_TAP, pool=pool)
+    photos = [np.asarray(center_crop_arr(decode_image(Path(path).read_bytes()), image_size))
+              for _key, path, _label in sample_photo_paths()]
     feats = []
-    for _key, path, _label in sample_photo_paths():
-        img = center_crop_arr(decode_image(Path(path).read_bytes()), image_size)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1)[None]
-        feats.append(extractor(x))  # (16, C)
+    for i in range(0, len(photos), 8):  # 8 photos per forward: bounded memory at any size
+        batch = torch.from_numpy(np.stack(photos[i:i + 8])).permute(0, 3, 1, 2)
+        feats.append(extractor(batch))  # (8 * 16, C), photo-major
     return torch.cat(feats)
 
 

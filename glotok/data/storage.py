@@ -91,6 +91,31 @@ def filesystem(url: str, options: StorageOptions = StorageOptions()):
     return _filesystem(protocol, options, os.getpid()), path
 
 
+@functools.lru_cache(maxsize=4)
+def _s3_client(options: StorageOptions, pid: int):
+    # Shard reads are the hot path: botocore's synchronous client reads a GET body with about
+    # half the CPU of s3fs's aiohttp stream (1.25 vs 2.4 ms per MB measured here), and it is
+    # thread-safe, so the read-ahead thread can use it directly.
+    del pid
+    import botocore.config
+    import botocore.session
+
+    kwargs = options.s3_kwargs()
+    session = botocore.session.Session(profile=kwargs.get("profile"))
+    config = botocore.config.Config(max_pool_connections=16, retries={"mode": "standard"})
+    return session.create_client(
+        "s3", endpoint_url=kwargs.get("client_kwargs", {}).get("endpoint_url"), config=config)
+
+
+def _s3_get(url: str, options: StorageOptions) -> bytes:
+    bucket, _, key = url.split("://", 1)[1].partition("/")
+    body = _s3_client(options, os.getpid()).get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        return body.read()
+    finally:
+        body.close()
+
+
 def with_retries(fn: Callable[[], T], what: str, *, retries: int = 5,
                  backoff: float = 0.5, max_delay: float = 30.0) -> T:
     """Call ``fn``; on an error wait ``backoff * 2**i`` seconds (+-25% jitter, capped at
@@ -133,6 +158,8 @@ def read_bytes(url: str, options: StorageOptions = StorageOptions(), *, retries:
                 return f.read()
 
         return with_retries(read, url, retries=retries, backoff=backoff)
+    if url.startswith(("s3://", "s3a://")):
+        return with_retries(lambda: _s3_get(url, options), url, retries=retries, backoff=backoff)
     fs, path = filesystem(url, options)
     return with_retries(lambda: fs.cat_file(path), url, retries=retries, backoff=backoff)
 

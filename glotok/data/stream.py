@@ -16,7 +16,8 @@ go through :mod:`glotok.data.storage` (endpoint and profile from :class:`Storage
 AWS environment); each shard read is retried with exponential backoff and then fails naming it.
 
 **Order.** Each DataLoader worker of each rank is one reader (:mod:`glotok.data.walker`): shard
-order shuffled by ``(seed, epoch)``, dealt round-robin to readers, then a shuffle buffer. A
+order shuffled by ``(seed, epoch)``, dealt round-robin to readers (with fewer shards than
+readers, each reader takes every R-th record of every shard), then a shuffle buffer. A
 sample's crop and flip come from ``(seed, epoch, key)``, the same under any layout. Training
 streams are endless (each reader runs on into the next epoch); evaluation streams make one
 ordered, center-cropped pass.
@@ -58,7 +59,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from glotok.data import storage
-from glotok.data.augment import ImageDecodeError, center_crop, decode_rgb, random_crop, to_unit_range
+from glotok.data.augment import (ImageDecodeError, center_crop, decode_rgb, random_crop,
+                                 to_unit_range)
 from glotok.data.shards import IMAGE_EXTENSIONS, expand_shards
 from glotok.data.repartition import repartition
 from glotok.data.storage import StorageOptions
@@ -272,10 +274,13 @@ class ShardStream:
         ds = self.dataset
         ds.resume = {i: s for i, s in enumerate(self._states) if s is not None}
         ds.rotation = self._next_worker  # DataLoader worker 0 serves the batch that is due next
+        # Our own generator: DataLoader draws the workers' base seed from it, and drawing from
+        # the global RNG would shift the trainer's random stream after every resume.
+        generator = torch.Generator().manual_seed(ds.seed)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+            pin_memory=torch.cuda.is_available(), persistent_workers=False, generator=generator)
         self._iterator = iter(loader)
 
     def close(self) -> None:

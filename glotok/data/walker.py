@@ -56,7 +56,9 @@ class Segment(NamedTuple):
     def index_of(self, record: int) -> Optional[int]:
         """Which of the segment's records ``record`` is, or None if it is not one of them."""
         k, rem = divmod(record - self.start, self.step)
-        return k if record >= self.start and rem == 0 and (self.count < 0 or k < self.count) else None
+        if record < self.start or rem or (self.count >= 0 and k >= self.count):
+            return None
+        return k
 
 
 class Record(NamedTuple):
@@ -122,6 +124,7 @@ class _ReadAhead:
     def __init__(self, upcoming: Iterator[int], fetch: Callable[[int], bytes], ahead: int):
         self._upcoming, self._fetch, self._ahead = upcoming, fetch, ahead
         self._head: Optional[tuple[int, bytes]] = None
+        self._ended = False  # the plan ran out, or a fetch failed (and was raised)
         if ahead > 0:
             self._slots = threading.Semaphore(ahead)
             self._ready: queue.Queue = queue.Queue()
@@ -142,12 +145,14 @@ class _ReadAhead:
 
     def peek(self) -> Optional[tuple[int, bytes]]:
         """The next ``(shard, bytes)`` without consuming it; None when there is none."""
-        if self._head is None:
+        if self._head is None and not self._ended:
             if self._ahead == 0:
                 pos = next(self._upcoming, None)
+                self._ended = pos is None
                 self._head = None if pos is None else (pos, self._fetch(pos))
             else:
                 item = self._ready.get()
+                self._ended = item is None or item[2] is not None
                 if item is not None:
                     pos, data, exc = item
                     self._slots.release()
@@ -225,7 +230,7 @@ class ShardWalker:
     def snapshot(self) -> dict:
         """The position after the last record yielded, as a plain dict."""
         state = self.state.to_dict()
-        state["buffer"] = flat((r.epoch, r.shard, r.record) for r in self._buffer)
+        state["buffer"] = [x for r in self._buffer for x in (r.epoch, r.shard, r.record)]
         return state
 
     def _draw(self, bound: int) -> int:

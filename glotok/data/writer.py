@@ -32,7 +32,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from glotok.data import storage
 from glotok.data.imagetree import ImageTree, SourceImage, scan_tree
@@ -101,6 +101,8 @@ def _check_decodes(data: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()
         return img
+    except UnidentifiedImageError as exc:
+        raise UnreadableImageError("does not decode: not an image of a known format") from exc
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise UnreadableImageError(f"does not decode: {exc}") from exc
 

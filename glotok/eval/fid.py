@@ -131,8 +131,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """
     from scipy import linalg
 
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"frechet_distance: shapes do not match: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {s1.shape} vs {s2.shape}")
@@ -186,7 +186,8 @@ class ReferenceStats:
     path: Optional[Path] = None
 
 
-def save_reference(path: PathLike, stats: GaussianStats, source: Mapping[str, Any]) -> ReferenceStats:
+def save_reference(path: PathLike, stats: GaussianStats,
+                   source: Mapping[str, Any]) -> ReferenceStats:
     """Writes ``stats`` and the hash of ``source`` to ``path`` (``.npz``), atomically.
 
     Args:

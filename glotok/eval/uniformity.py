@@ -19,6 +19,10 @@ Here step 1 is ``LatentSample``, a sample that per-rank passes build and merge e
 the semantic branch's latent map (B, 8, 16, 16). Where VA-VAE standardises with statistics of the
 whole dataset, ``latent_uniformity`` uses those of the sample itself (10k vectors estimate them
 well); pass ``standardize=False`` to embed the raw vectors.
+
+Read the numbers comparatively: t-SNE evens out density by design (perplexity fixes each point's
+effective neighbour count), so values depend on n, perplexity and iterations as much as on the
+latent. Compare tokenizers only at the same settings and sample size.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 def flash_attn_installed() -> bool:
     try:
         import flash_attn  # noqa: F401
-    except ImportError:
+    except (ImportError, OSError):  # absent, or built against another torch/CUDA
         return False
     return True
 

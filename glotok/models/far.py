@@ -111,11 +111,19 @@ class FARTransformer(nn.Module):
         return rope_2d(self.grid_size, self.grid_size, self.cfg.dim // self.cfg.n_heads,
                        prefix=1, base=self.cfg.rope_base, device=device)
 
+    def _apply(self, fn, recurse=True):
+        # The RoPE table is a function of the config, not state: after .to(bf16), .half() or
+        # to_empty() it is rebuilt in fp32 on the new device, since bf16 cos/sin would blur the
+        # positions and to_empty() leaves garbage.
+        super()._apply(fn, recurse)
+        self.rope = self._rope_table(self.rope.device)
+        return self
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """LlamaGen's init: N(0, init_std) for every Linear and Embedding, zero output layers
-        (the first loss is exactly log(vocab)). Also rebuilds the RoPE table, so a model made on
-        the meta device and moved with ``to_empty`` is whole after one call."""
+        (the first loss is exactly log(vocab)). For a model made on the meta device: call it
+        after ``to_empty``."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
@@ -123,7 +131,6 @@ class FARTransformer(nn.Module):
                 nn.init.ones_(m.weight)
         nn.init.zeros_(self.visual_output.weight)
         nn.init.zeros_(self.semantic_output.weight)
-        self.rope = self._rope_table(self.rope.device)
 
     # ---------------------------------------------------------------------------------------
     # Pieces shared by training and sampling

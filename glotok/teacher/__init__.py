@@ -3,6 +3,7 @@ into the teacher of the histogram relation loss (GLOTOK.md). The file format and
 live in ``glotok.losses.teacher``; ``tools/build_teacher.py`` runs them over shards."""
 
 from glotok.teacher.features import (
+    DEFAULT_DINOV2,
     TEACHER_FEATURES,
     DinoV2Features,
     EfficientNetLite0Features,
@@ -12,6 +13,7 @@ from glotok.teacher.features import (
 )
 
 __all__ = [
+    "DEFAULT_DINOV2",
     "TEACHER_FEATURES",
     "DinoV2Features",
     "EfficientNetLite0Features",

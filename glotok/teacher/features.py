@@ -14,7 +14,8 @@ Registry (``TEACHER_FEATURES``, ``build_feature_extractor(name, **kwargs)``):
 
 - ``dinov2``: ``transformers`` DINOv2 (with or without registers) from a local directory or,
   only when the user names one, a hub id. ImageNet mean/std, images resized so the short side is
-  256 then center-cropped to 224, 16x16 patches of 14 pixels. Default ``facebook/dinov2-base``.
+  256 then center-cropped to 224, 16x16 patches of 14 pixels. The model must be named
+  (``name_or_path=``); GLOTOK.md's is ``DEFAULT_DINOV2`` = ``facebook/dinov2-base``.
 - ``efficientnet_lite0``: the ImageNet EfficientNet-Lite0 that ``glotok[sample]`` ships; the
   stride-16 feature map (112 channels) of the 256x256 input, a 16x16 grid like ViT-B/14 at 224.
 """
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_DINOV2",
     "TeacherModelError",
     "TeacherFeatureExtractor",
     "DinoV2Features",
@@ -39,6 +41,7 @@ __all__ = [
     "build_feature_extractor",
 ]
 
+DEFAULT_DINOV2 = "facebook/dinov2-base"  # ViT-B/14, GLOTOK.md's teacher
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -137,12 +140,12 @@ class DinoV2Features(TeacherFeatureExtractor):
         self._freeze()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: Union[str, os.PathLike] = "facebook/dinov2-base", *,
-                        layer: Optional[int] = None, pool: int = 4, crop: int = 224,
-                        **hub_kwargs) -> "DinoV2Features":
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike], *, layer: Optional[int] = None,
+                        pool: int = 4, crop: int = 224, **hub_kwargs) -> "DinoV2Features":
         """Loads DINOv2 weights: from ``name_or_path`` if it is a local directory (never touching
-        the network), else from the Hugging Face hub id it names (the cache first; a download
-        only then, because the caller asked for that id).
+        the network), else from the Hugging Face hub id it names (the cache first, a download
+        only then). There is no default: the hub is reached only for an id the caller names
+        (the tools' default is ``DEFAULT_DINOV2``).
 
         Raises:
             TeacherModelError: transformers missing, or the weights cannot be loaded.
@@ -185,8 +188,8 @@ class DinoV2Features(TeacherFeatureExtractor):
         h, w = x.shape[2:]
         if min(h, w) != self.resize:
             s = self.resize / min(h, w)
-            x = F.interpolate(x, size=(max(self.resize, round(h * s)), max(self.resize, round(w * s))),
-                              mode="bicubic", antialias=True, align_corners=False)
+            size = (max(self.resize, round(h * s)), max(self.resize, round(w * s)))
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
             h, w = x.shape[2:]
         top, left = (h - self.crop) // 2, (w - self.crop) // 2
         x = x[:, :, top:top + self.crop, left:left + self.crop]

@@ -102,11 +102,11 @@ def read_manifest(storage: Storage, name: str) -> Optional[dict]:
         return None
 
 
-def _fault(point: str) -> None:
-    """Test hook: ``GLOTOK_FAULT=<point>`` kills this process at that point of a save, as a
-    preemption would. Only tests set it."""
-    if os.environ.get("GLOTOK_FAULT") == point:
-        log.warning("GLOTOK_FAULT=%s: killing the process", point)
+def _fault(point: str, step: int) -> None:
+    """Test hook: ``GLOTOK_FAULT=<point>@<step>`` kills this process at that point of the save
+    of that step, as a preemption would. Only tests set it."""
+    if os.environ.get("GLOTOK_FAULT") == f"{point}@{step}":
+        log.warning("GLOTOK_FAULT=%s@%d: killing the process", point, step)
         os._exit(137)
 
 
@@ -224,14 +224,14 @@ class CheckpointManager:
         if self.rank == 0:
             atomic_torch_save(trainer_state, stage / "trainer.pt")
         barrier()
-        stall = time.perf_counter() - t0
-        self.last_save = {"stall_s": stall, "started": t0}
+        self.last_save = {"started": t0}
         self._thread = threading.Thread(target=self._upload_and_commit, args=(step, name, stage),
                                         name=f"ckpt-upload-{name}", daemon=True)
         self._thread.start()
         if blocking or not self.async_upload:
             self.wait()
-        return stall
+        self.last_save["stall_s"] = time.perf_counter() - t0
+        return self.last_save["stall_s"]
 
     def wait(self) -> None:
         """Block until this rank's last upload (and, on rank 0, the commit) is done."""
@@ -250,7 +250,7 @@ class CheckpointManager:
                 files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
                 self.storage.put(f, f"{name}/{rel}", move=True)
                 if i == 0:
-                    _fault("after_first_upload")
+                    _fault("after_first_upload", step)
             self.storage.write_text(f"{name}/{RANK_MARKERS}/rank_{self.rank:05d}.json",
                                     json.dumps({"files": files}))
             shutil.rmtree(stage, ignore_errors=True)
@@ -276,7 +276,7 @@ class CheckpointManager:
         files = {}
         for m in markers:
             files.update(json.loads(self.storage.read_text(f"{name}/{RANK_MARKERS}/{m}"))["files"])
-        _fault("before_manifest")
+        _fault("before_manifest", step)
         manifest = {"step": step, "world_size": self.world_size, "time": time.time(),
                     "files": files}
         self.storage.write_text(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1))

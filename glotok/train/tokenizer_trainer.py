@@ -66,32 +66,12 @@ def _adam(params, lr: float, cfg, device: torch.device) -> torch.optim.Optimizer
                             fused=device.type == "cuda")
 
 
-class BatchStream:
-    """Endless batches from a DataLoader, with the position a checkpoint needs to continue.
-
-    The loader's order is a pure function of (seed, epoch, rank, worker), so restoring the
-    number of batches consumed reproduces the exact next batch.
-    """
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.consumed = 0
-        self._it: Optional[Iterator] = None
-
-    def __next__(self) -> dict:
-        if self._it is None:
-            self._it = iter(self.loader)
-        self.consumed += 1
-        return next(self._it)
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._it = iter(self.loader)
-        for _ in range(state["consumed"]):
-            next(self._it)
-        self.consumed = state["consumed"]
+def BatchStream(stream):  # noqa: N802 - the name __init__ builds its stream with
+    """The trainer's batch source. :class:`glotok.data.stream.ShardStream` already is one:
+    endless, ``next()`` -> ``{"image", "label", "key", "skipped"}``, and checkpointable with an
+    exact position per DataLoader worker (``state_dict``, ``load_state_dict``,
+    ``load_state_dict_repartitioned``), so nothing is replayed on resume."""
+    return stream
 
 
 def build_teacher_tensor(hist_cfg) -> torch.Tensor:
@@ -108,18 +88,26 @@ def build_teacher_tensor(hist_cfg) -> torch.Tensor:
 
 
 def build_image_loader(data_cfg, image_size: int, dist_info: DistInfo, train: bool = True):
-    from glotok.data.shards import expand_shards, make_image_loader
+    """This rank's :class:`~glotok.data.stream.ShardStream` over ``data.source``: the built-in
+    sample set (its local shards and manifest), a manifest (local or ``s3://``) or a shard
+    pattern. ``train``: endless, shuffled, random crops; else one ordered pass of center crops.
+    """
+    from glotok.data.storage import StorageOptions
+    from glotok.data.stream import ShardStream
 
-    if data_cfg.source == "sample":
-        from glotok.data.sample import ensure_sample_shards
+    source = data_cfg.source
+    if source == "sample":
+        from glotok.data.sample import MANIFEST_NAME, ensure_sample_shards
 
-        shards = ensure_sample_shards()
-    else:
-        shards = expand_shards(data_cfg.source)
-    return make_image_loader(
-        shards, image_size, data_cfg.batch_size, num_workers=data_cfg.num_workers,
+        source = str(Path(ensure_sample_shards()[0]).with_name(MANIFEST_NAME))
+    return ShardStream(
+        source, image_size, data_cfg.batch_size, train=train, num_workers=data_cfg.num_workers,
+        prefetch_factor=data_cfg.prefetch_factor, read_ahead=data_cfg.read_ahead,
         rank=dist_info.rank, world_size=dist_info.world_size, seed=data_cfg.seed,
-        crop_range=data_cfg.crop_range, random_flip=data_cfg.random_flip, train=train)
+        crop_range=data_cfg.crop_range, random_flip=data_cfg.random_flip,
+        shuffle_buffer=data_cfg.shuffle_buffer,
+        options=StorageOptions(data_cfg.s3_endpoint_url, data_cfg.s3_profile),
+        retries=data_cfg.retries, retry_backoff=data_cfg.retry_backoff)
 
 
 class TokenizerTrainer:
@@ -150,8 +138,6 @@ class TokenizerTrainer:
         self.stop = StopSignal(cfg.checkpoint.sigterm_grace_s, stop_check)
         barrier()
 
-        # Identical initial weights on every rank, whatever the stage.
-        seed_everything(cfg.train.seed)
         hist = None
         if cfg.loss.hist_weight > 0:
             from glotok.losses.histogram import HistogramRelationLoss
@@ -159,6 +145,10 @@ class TokenizerTrainer:
             h = cfg.loss.hist
             hist = HistogramRelationLoss(build_teacher_tensor(h), bins=h.bins, alpha=h.alpha,
                                          chunk_size=h.chunk_size)
+        # Seeded right before each model is built, so the initial weights are the same on every
+        # rank and in every run, whatever ran before (building a teacher draws random numbers
+        # on a cold cache only).
+        seed_everything(cfg.train.seed)
         model = GloTokTokenizer(cfg.model, hist_loss=hist)
         ds_cfg = deepspeed_config(cfg, self.dtype)
         if self.universal:
@@ -171,6 +161,7 @@ class TokenizerTrainer:
         if cfg.loss.gan_weight > 0:
             from glotok.models.discriminator import PatchGANDiscriminator
 
+            seed_everything(cfg.train.seed + 1)
             disc = PatchGANDiscriminator(3, cfg.loss.disc.ndf, cfg.loss.disc.n_layers)
             self.d_engine, *_ = deepspeed.initialize(
                 model=disc, optimizer=_adam(disc.parameters(), cfg.optim.disc_lr or cfg.optim.lr,
