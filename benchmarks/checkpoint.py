@@ -75,7 +75,7 @@ def main() -> None:
     results = {}
     for mode, async_upload in (("async", True), ("sync", False)):
         t = trainer(f"bench-{mode}", async_upload)
-        t.train_step(next(t.stream)["image"])  # optimizer state exists, as in a real run
+        t.train_step(next(t.stream))  # optimizer state exists, as in a real run
         stalls, saves = [], []
         for i in range(args.repeats):
             t.step = i + 1

@@ -58,8 +58,8 @@ def plain_torch_step_fn(trainer):
                              fused=trainer.device.type == "cuda") if d is not None else None
     obj = trainer.objective
 
-    def step(images):
-        x = images.to(trainer.device)
+    def step(batch):
+        x = batch["image"].to(trainer.device)
         x_in = x.to(trainer.dtype)
         out = g(x_in)
         logits_fake = None
@@ -97,7 +97,7 @@ def main() -> None:
                                         "loss.gan_start_step=0", "data.source=sample"]
                           + args.overrides)
         trainer = TokenizerTrainer(cfg)
-        batch = next(trainer.stream)["image"]
+        batch = next(trainer.stream)
         trainer.step = cfg.loss.gan_start_step  # GAN active: the full step
         time_steps(trainer.train_step, batch, args.warmup, trainer.device)
         ds = time_steps(trainer.train_step, batch, args.steps, trainer.device)
@@ -105,7 +105,7 @@ def main() -> None:
         time_steps(base_fn, batch, args.warmup, trainer.device)
         base = time_steps(base_fn, batch, args.steps, trainer.device)
 
-    b = batch.shape[0]
+    b = batch["image"].shape[0]
     ips, base_ips = b / statistics.median(ds), b / statistics.median(base)
     print(f"{Path(args.config).name} on {trainer.device} ({trainer.dtype}), batch {b}, "
           f"ZeRO-{cfg.train.zero_stage}")

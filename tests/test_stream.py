@@ -25,6 +25,7 @@ from glotok.data.storage import StorageUnavailableError
 from glotok.data.repartition import repartition
 from glotok.data.stream import ShardStream, StreamLayoutError, resolve_shards
 from glotok.data.walker import ReaderState, ShardWalker
+from glotok.data.wds import iter_records
 
 SIZE = 32  # small crops keep the tests fast; the decode path is the same at any size
 
@@ -141,6 +142,19 @@ def test_position_survives_a_weights_only_checkpoint(sample_dir, tmp_path):
     assert torch.load(tmp_path / "rank.pt", weights_only=True)["data"] == s.state_dict()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_leaves_the_global_random_state_alone(sample_dir, workers):
+    # The trainer checkpoints torch's and Python's RNG; a stream that drew from them (as a
+    # DataLoader does for its worker seeds) would shift them on every resume.
+    torch.manual_seed(0)
+    random.seed(0)
+    untouched = torch.rand(3), random.random()
+    torch.manual_seed(0)
+    random.seed(0)
+    take(stream(sample_dir / "manifest.json", num_workers=workers), 3)
+    assert torch.equal(torch.rand(3), untouched[0]) and random.random() == untouched[1]
+
+
 def test_another_layout_needs_every_ranks_state(sample_dir):
     s = stream(sample_dir / "manifest.json", num_workers=2)
     take(s, 2)
@@ -239,6 +253,23 @@ def test_truncated_tar_keeps_its_intact_samples_and_counts_the_rest(shard_copy):
     assert len(seen) == 37 - 3
     m = s.metrics()
     assert (m["data/truncated_shards"], m["data/missing"], m["data/skipped"]) == (1, 3, 3)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_groups_members_like_tarfile_with_long_names(fmt):
+    long_dir = "class_" + "x" * 70 + "/" + "y" * 60  # > 100 characters: PAX/GNU/ustar prefix
+    members = [("a.jpg", b"j" * 1000), ("a.cls", b"1"), (f"{long_dir}/b.JPG", bytes(600)),
+               (f"{long_dir}/b.cls", b"2"), ("c.seg.png", b"p")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert list(iter_records(buf.getvalue())) == [
+        ("a", {"jpg": b"j" * 1000, "cls": b"1"}),
+        (f"{long_dir}/b", {"jpg": bytes(600), "cls": b"2"}),
+        ("c", {"seg.png": b"p"})]
 
 
 def test_missing_shard_is_retried_then_fails_naming_it(shard_copy, caplog):

@@ -79,7 +79,9 @@ def _members(data: bytes) -> Iterator[tuple[str, bytes, int, int]]:
                 name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
                 if header[257:262] == b"ustar" and header[345] != 0:
                     name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-        except ValueError as exc:
+        except DamagedShardError:
+            raise
+        except ValueError as exc:  # garbage where numbers or UTF-8 names should be
             raise DamagedShardError(f"corrupt tar header at byte {at}: {exc}") from exc
         long_name, pax = None, {}
         yield name, kind, start, start + size
