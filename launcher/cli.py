@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from glotok.config import ConfigError, load_config, to_yaml
+from glotok.config import ConfigError, to_yaml
+from glotok.jobs import load_job_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,8 +61,9 @@ def _print_result(result: dict) -> None:
     print(f"\nglotok: trained to step {result['step']}\n"
           f"  run directory : {run}\n"
           f"  checkpoint    : {result['checkpoint']}\n"
-          f"  metrics log   : {run}/metrics.jsonl\n"
-          f"  reconstructions (original | reconstruction pairs): {result['grid']}")
+          f"  metrics log   : {run}/metrics.jsonl")
+    if result.get("grid"):
+        print(f"  reconstructions (original | reconstruction pairs): {result['grid']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             getattr(submit, args.command)(args.address, args.job_id)
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_job_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"glotok: config error: {e}", file=sys.stderr)
         return 2
@@ -105,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                       job_id=args.job_id)
         return 0
     if args.no_ray or "LOCAL_RANK" in os.environ:  # in-process, or one rank under torchrun
-        from glotok.train.tokenizer_trainer import TokenizerTrainer
+        from glotok.jobs import make_trainer
 
-        result = TokenizerTrainer(cfg).train()
+        result = make_trainer(cfg).train()
     else:
         from launcher import ray_train
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from glotok.config import to_dict
+from glotok.jobs import job_config_from_dict, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,9 @@ def _storage_for_ray(cfg) -> tuple[str, Any]:
 def _worker_loop(loop_config: dict) -> None:
     import ray
 
-    from glotok.config import config_from_dict
-    from glotok.train.tokenizer_trainer import TokenizerTrainer
+    from glotok.jobs import make_trainer
 
-    cfg = config_from_dict(loop_config["config"])
+    cfg = job_config_from_dict(loop_config["config"], loop_config["kind"])
     actor = None
     if loop_config.get("stop_actor"):
         try:
@@ -92,7 +92,7 @@ def _worker_loop(loop_config: dict) -> None:
         requested[0] = bool(ray.get(actor.requested.remote()))
         return requested[0]
 
-    TokenizerTrainer(cfg, stop_check=stop_check).train()
+    make_trainer(cfg, stop_check=stop_check).train()
 
 
 def run(cfg: Any, address: Optional[str] = None) -> dict:
@@ -131,7 +131,7 @@ def run(cfg: Any, address: Optional[str] = None) -> dict:
     storage_path, storage_fs = _storage_for_ray(cfg)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": to_dict(cfg), "stop_actor": actor_name},
+        train_loop_config={"config": to_dict(cfg), "kind": kind_of(cfg), "stop_actor": actor_name},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources,
@@ -159,9 +159,6 @@ def run(cfg: Any, address: Optional[str] = None) -> dict:
 def absolute_local_paths(cfg: Any) -> Any:
     """Ray workers do not share the driver's working directory: local paths in the config
     are made absolute here, where they were meant."""
-    from omegaconf import OmegaConf
-
-    from glotok.config import config_from_dict
     from glotok.utils.storage import is_remote
 
     data = to_dict(cfg)
@@ -173,4 +170,4 @@ def absolute_local_paths(cfg: Any) -> Any:
     teacher = data.get("loss", {}).get("hist", {}).get("teacher")
     if teacher and ":" not in teacher and not teacher.startswith("/"):
         data["loss"]["hist"]["teacher"] = str(Path(teacher).resolve())
-    return config_from_dict(data, OmegaConf.get_type(cfg))
+    return job_config_from_dict(data, kind_of(cfg))

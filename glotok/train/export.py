@@ -13,7 +13,7 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -56,26 +56,45 @@ def _weights_only_loads():
         torch.load = original
 
 
-def _fp32_generator_weights(storage: Storage, name: str, manifest: dict) -> dict:
+def _fp32_engine_weights(storage: Storage, name: str, manifest: dict, engine: str) -> dict:
     if storage.local:
         local = Path(storage.path(name))
     else:
         local = local_cache_dir(f"export/{name}")
         for rel, meta in manifest["files"].items():
-            if rel.startswith("generator/"):
+            if rel.startswith(f"{engine}/"):
                 target = local / rel
                 if not (target.exists() and target.stat().st_size == meta["size"]):
                     storage.get(f"{name}/{rel}", target)
-    state_dir = local / "generator" / DS_TAG
+    state_dir = local / engine / DS_TAG
     if any(state_dir.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with _weights_only_loads():
-            return get_fp32_state_dict_from_zero_checkpoint(str(local / "generator"), tag=DS_TAG)
+            return get_fp32_state_dict_from_zero_checkpoint(str(local / engine), tag=DS_TAG)
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         states = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu",
                             weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
+
+
+def _load(path: str, engine: str, ema: bool, build: Callable[[dict], tuple[Any, Any]]):
+    storage, name = resolve_checkpoint(path)
+    manifest = read_manifest(storage, name)
+    trainer = torch.load(io.BytesIO(storage.read_bytes(f"{name}/trainer.pt")),
+                         map_location="cpu", weights_only=True)
+    model, cfg = build(trainer["config"])
+    if ema and trainer.get("ema"):
+        weights, source = trainer["ema"]["shadow"], "ema"
+    else:
+        weights, source = _fp32_engine_weights(storage, name, manifest, engine), engine
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {storage.url_of(name)} does not match the model of its "
+                           f"own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    log.info("loaded %s from %s (%s weights)", type(model).__name__, storage.url_of(name), source)
+    info = CheckpointInfo(manifest["step"], name, storage.url_of(name), manifest["world_size"])
+    return model, cfg, info
 
 
 def load_tokenizer(path: str, *, ema: bool = True, device: str | torch.device = "cpu"
@@ -84,24 +103,25 @@ def load_tokenizer(path: str, *, ema: bool = True, device: str | torch.device = 
     from glotok.config import config_from_dict
     from glotok.models.tokenizer import GloTokTokenizer
 
-    storage, name = resolve_checkpoint(path)
-    manifest = read_manifest(storage, name)
-    trainer = torch.load(io.BytesIO(storage.read_bytes(f"{name}/trainer.pt")),
-                         map_location="cpu", weights_only=True)
-    cfg = config_from_dict(_without_teacher(trainer["config"]))
-    model = GloTokTokenizer(cfg.model)
-    if ema and trainer.get("ema"):
-        weights = trainer["ema"]["shadow"]
-        source = "ema"
-    else:
-        weights = _fp32_generator_weights(storage, name, manifest)
-        source = "generator"
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {storage.url_of(name)} does not match the tokenizer in "
-                           f"its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    log.info("loaded tokenizer from %s (%s weights)", storage.url_of(name), source)
-    info = CheckpointInfo(manifest["step"], name, storage.url_of(name), manifest["world_size"])
+    def build(config: dict):
+        cfg = config_from_dict(_without_teacher(config))
+        return GloTokTokenizer(cfg.model), cfg
+
+    model, cfg, info = _load(path, "generator", ema, build)
+    return model.to(device).eval(), cfg, info
+
+
+def load_far(path: str, *, ema: bool = True, device: str | torch.device = "cpu"
+             ) -> tuple[Any, Any, CheckpointInfo]:
+    """(FAR generator in eval mode, its AR config, which checkpoint) from a run or checkpoint."""
+    from glotok.config_ar import ar_config_from_dict
+    from glotok.models.far import FARTransformer
+
+    def build(config: dict):
+        cfg = ar_config_from_dict(config)
+        return FARTransformer(cfg.model), cfg
+
+    model, cfg, info = _load(path, "model", ema, build)
     return model.to(device).eval(), cfg, info
 
 
