@@ -9,12 +9,10 @@ import os
 import random
 import sys
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from glotok.data import sample as sample_module
@@ -22,14 +20,11 @@ from glotok.data import shards as shards_module
 from glotok.data.sample import ensure_sample_shards, sample_photo_paths
 from glotok.data.shards import (
     ImageDecodeError,
-    ShardImageDataset,
     center_crop_arr,
     decode_image,
     expand_shards,
-    make_image_loader,
     random_crop_arr,
     random_hflip,
-    to_tensor,
 )
 
 
@@ -68,13 +63,6 @@ def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
 
 def _mtimes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in directory.iterdir() if p.name != ".lock"}
-
-
-def _keys(dataset: ShardImageDataset) -> list[str]:
-    return [s["key"] for s in dataset]
-
-
-# --- the sample set --------------------------------------------------------------------------
 
 
 def test_sample_shards_hold_every_photo_as_a_decodable_jpeg(sample_shards):
@@ -259,123 +247,6 @@ def test_random_hflip_flips_about_half_the_time():
     assert 150 < flips < 250
 
 
-def test_to_tensor_maps_pixels_to_minus_one_one():
-    img = Image.fromarray(np.array([[[0, 255, 0]]], np.uint8))
-    t = to_tensor(img)
-    assert t.shape == (3, 1, 1) and t.dtype == torch.float32
-    assert t.flatten().tolist() == [-1.0, 1.0, -1.0]
-
-
-# --- the dataset -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_reader_yields_normalised_images(sample_shards, train):
-    dataset = ShardImageDataset(sample_shards, 32, train=train, loop=False)
-    samples = list(dataset)
-    assert len(samples) == len(sample_photo_paths())
-    for s in samples:
-        assert s["image"].shape == (3, 32, 32) and s["image"].dtype == torch.float32
-        assert -1.0 <= s["image"].min() and s["image"].max() <= 1.0
-        assert s["label"].dtype == torch.int64 and s["label"].dim() == 0
-    assert dataset.skipped == 0
-
-
-@pytest.mark.parametrize("samples_per_shard", [8, 16])  # 5 shards >= 4 readers; 3 < 4: modulo
-def test_one_pass_over_two_ranks_and_two_workers_sees_every_key_once(tmp_path, samples_per_shard):
-    shards = ensure_sample_shards(tmp_path, samples_per_shard=samples_per_shard)
-    keys: Counter[str] = Counter()
-    for rank in range(2):
-        dataset = ShardImageDataset(shards, 16, rank=rank, world_size=2, loop=False, seed=3)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
-        rank_keys = [s["key"] for s in loader]
-        assert rank_keys, f"rank {rank} got no data"
-        keys.update(rank_keys)
-    assert keys == Counter({p.key: 1 for p in sample_photo_paths()})
-
-
-def test_order_is_fixed_by_seed_and_changes_with_epoch(sample_shards):
-    def run(seed, epoch):
-        return _keys(ShardImageDataset(sample_shards, 16, seed=seed, epoch=epoch, loop=False))
-
-    first = run(0, 0)
-    assert run(0, 0) == first
-    assert run(0, 1) != first and sorted(run(0, 1)) == sorted(first)
-    assert run(1, 0) != first
-
-    a = next(iter(ShardImageDataset(sample_shards, 16, seed=5, loop=False)))
-    b = next(iter(ShardImageDataset(sample_shards, 16, seed=5, loop=False)))
-    assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
-
-
-def test_eval_reads_in_shard_order(sample_shards):
-    keys = _keys(ShardImageDataset(sample_shards, 16, train=False, loop=False))
-    assert keys == list(_read_members(sample_shards))
-
-
-def test_loop_runs_on_into_the_next_epoch(sample_shards):
-    n = len(sample_photo_paths())
-    it = iter(ShardImageDataset(sample_shards, 16, loop=True))
-    keys = [next(it)["key"] for _ in range(2 * n)]
-    assert Counter(keys) == Counter({k: 2 for k in keys[:n]})
-    assert keys[:n] != keys[n:]  # epoch 1 is reshuffled
-
-
-def test_loop_feeds_readers_beyond_the_sample_count(tmp_path):
-    shard = _write_tar(tmp_path / "s.tar", [(f"k{i}.jpg", _jpeg((i, i, i))) for i in range(3)])
-    # Reader 4 of 5 has no record in epoch 0 (indices 0-2); it gets index 4, in epoch 1.
-    sample = next(iter(ShardImageDataset([shard], 16, rank=4, world_size=5, loop=True)))
-    assert sample["key"] in {"k0", "k1", "k2"}
-    assert sample["label"].item() == -1  # no .cls member
-
-
-def test_corrupt_images_are_skipped_counted_and_logged_once(tmp_path, caplog):
-    truncated = _jpeg((9, 9, 9), size=(128, 128))
-    shard = _write_tar(
-        tmp_path / "bad.tar",
-        [
-            ("a.jpg", _jpeg((255, 0, 0))), ("a.cls", b"1"),
-            ("b.jpg", b"\xff\xd8 corrupt"), ("b.cls", b"2"),
-            ("c.jpg", truncated[: len(truncated) // 2]), ("c.cls", b"3"),
-            ("d.jpg", _jpeg((0, 0, 255))), ("d.cls", b"not a number"),
-            ("e.jpg", _jpeg((0, 255, 0))), ("e.cls", b"5"),
-        ],
-    )
-    dataset = ShardImageDataset([shard], 16, loop=False)
-    with caplog.at_level("WARNING", logger="glotok.data.shards"):
-        samples = list(dataset)
-        list(dataset)  # a second pass counts again but does not log again
-    assert sorted(s["key"] for s in samples) == ["a", "e"]
-    assert sorted(s["label"].item() for s in samples) == [1, 5]
-    assert dataset.skipped == 6
-    assert len(caplog.records) == 3
-    assert all("bad.tar" in r.getMessage() for r in caplog.records)
-    assert {r.getMessage().split()[1] for r in caplog.records} == {"b", "c", "d"}
-
-
-def test_truncated_tar_does_not_crash_the_epoch(tmp_path):
-    members = [(f"k{i}.jpg", _jpeg((i * 40, 0, 0), size=(96, 96))) for i in range(4)]
-    broken = _write_tar(tmp_path / "broken.tar", members)
-    with tarfile.open(broken) as tar:
-        k2 = tar.getmember("k2.jpg")
-    data = Path(broken).read_bytes()
-    Path(broken).write_bytes(data[: k2.offset_data + k2.size // 2])  # cut inside k2.jpg
-    intact = _write_tar(tmp_path / "intact.tar", [("z.jpg", _jpeg((0, 0, 0)))])
-
-    dataset = ShardImageDataset([broken, intact], 16, train=False, loop=False)
-    assert _keys(dataset) == ["k0", "k1", "z"]
-    assert dataset.skipped == 1
-
-
-def test_endless_stream_of_unusable_samples_raises(tmp_path):
-    shard = _write_tar(tmp_path / "bad.tar", [("a.jpg", b"garbage")])
-    with pytest.raises(RuntimeError, match="no usable sample"):
-        next(iter(ShardImageDataset([shard], 16, loop=True)))
-
-
-# --- shard specs and the loader ------------------------------------------------------------------
-
-
 def test_expand_shards_brace_pattern_comma_list_directory_and_glob(tmp_path):
     paths = [_write_tar(tmp_path / f"train-{i:06d}.tar", []) for i in range(4)]
     assert expand_shards(str(tmp_path / "train-{000000..000003}.tar")) == paths
@@ -404,15 +275,3 @@ def test_expand_shards_reads_a_manifest(sample_shards):
     assert expand_shards(manifest) == sample_shards
 
 
-def test_make_image_loader_batches(sample_shards):
-    n = len(sample_photo_paths())
-    train = make_image_loader(sample_shards, 16, 8, num_workers=0, seed=1)
-    it = iter(train)
-    batches = [next(it) for _ in range(n // 8 + 2)]  # more than one epoch: it loops
-    assert all(b["image"].shape == (8, 3, 16, 16) for b in batches)
-    assert batches[0]["label"].dtype == torch.int64 and len(batches[0]["key"]) == 8
-
-    manifest = str(Path(sample_shards[0]).parent / "manifest.json")
-    val = make_image_loader(manifest, 16, 8, num_workers=0, train=False)
-    sizes = [len(b["key"]) for b in val]
-    assert sum(sizes) == n and sizes[-1] == n % 8

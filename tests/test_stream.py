@@ -132,7 +132,7 @@ def test_endless_stream_resumes_across_the_epoch_boundary(sample_dir):
     resumed = stream(source, **common)
     resumed.load_state_dict(state)
     assert head + keys(take(resumed, 19)) == full
-    assert resumed.metrics()["data/epoch"] >= 2
+    assert resumed.metrics()["epoch"] >= 2
 
 
 def test_position_survives_a_weights_only_checkpoint(sample_dir, tmp_path):
@@ -235,7 +235,7 @@ def test_corrupt_jpeg_is_skipped_and_counted(shard_copy, caplog):
     with caplog.at_level("WARNING", logger="glotok.data.stream"):
         batches = take(s)
     assert key not in keys(batches) and len(keys(batches)) == 36
-    assert s.metrics()["data/corrupt"] == 1 and batches[-1]["skipped"] == 1
+    assert s.metrics()["corrupt"] == 1 and batches[-1]["skipped"] == 1
     assert any(key in r.getMessage() and "sample-000000.tar" in r.getMessage()
                for r in caplog.records)
 
@@ -252,7 +252,7 @@ def test_truncated_tar_keeps_its_intact_samples_and_counts_the_rest(shard_copy):
     assert in_shard[0] in seen and not set(in_shard[1:]) & set(seen)
     assert len(seen) == 37 - 3
     m = s.metrics()
-    assert (m["data/truncated_shards"], m["data/missing"], m["data/skipped"]) == (1, 3, 3)
+    assert (m["truncated_shards"], m["missing"], m["skipped"]) == (1, 3, 3)
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])

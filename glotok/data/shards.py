@@ -1,29 +1,23 @@
-"""A simple reader of WebDataset image shards: shard specs, JPEG decoding, crops, the dataset.
+"""WebDataset image shards: shard specs, JPEG decoding, and PIL crops.
 
 A shard is a tar whose members are grouped by key (``<key>.jpg`` + ``<key>.cls``), as written
-by ``tools/make_shards.py`` and :func:`glotok.data.sample.ensure_sample_shards`. This reader
-opens local files with the stdlib ``tarfile``; a later resumable S3 stream replaces
-:class:`ShardImageDataset` behind the same yield format and :func:`make_image_loader`.
+by ``tools/make_shards.py`` and :func:`glotok.data.sample.ensure_sample_shards`; training reads
+them through :class:`glotok.data.stream.ShardStream`.
 
 Crops follow ADM/LlamaGen (guided-diffusion ``image_datasets.py``): box-halve large images,
-bicubic-resize the short side, crop. Images become float32 ``(3, H, W)`` tensors in [-1, 1].
+bicubic-resize the short side, crop.
 """
 
 from __future__ import annotations
 
 import glob
 import io
-import itertools
 import json
 import logging
 import os
 import random
 import re
-import tarfile
-from typing import Any, Iterator
 
-import numpy as np
-import torch
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -207,227 +201,3 @@ def random_crop_arr(
 def random_hflip(img: Image.Image, rng: random.Random, p: float = 0.5) -> Image.Image:
     """Mirror left-right with probability ``p``."""
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB image -> float32 tensor ``(3, H, W)`` in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-# --- the dataset -----------------------------------------------------------------------------
-
-
-class ShardImageDataset(torch.utils.data.IterableDataset):
-    """Stream ``{"image", "label", "key"}`` samples from tar shards, split over ranks and workers.
-
-    Each DataLoader worker of each rank is one of ``world_size * num_workers`` readers. When
-    there are at least that many shards, the epoch's shard order is split between them
-    round-robin. With fewer shards (small eval or sample sets) every reader reads every shard
-    and keeps the records whose stream index modulo the reader count is its own; with ``loop``
-    that index runs on across epochs, so even a reader past the sample count gets data. Either
-    way each sample goes to exactly one reader per epoch; readers may get unequal counts.
-
-    Order is a pure function of ``(seed, epoch)`` and the reader layout: shard order is shuffled
-    per epoch, samples pass a ``shuffle_buffer``-deep shuffle buffer, and a sample's crop and
-    flip draw from an RNG seeded by ``(seed, epoch, key)``. ``train=False`` reads in order and
-    center-crops. With ``loop=True`` the stream runs on through epochs ``epoch, epoch + 1, ...``.
-
-    A corrupt image, bad label or truncated tar is skipped, counted in ``self.skipped`` (per
-    worker process) and logged once; the epoch goes on.
-
-    Yields:
-        ``image``: float32 ``(3, image_size, image_size)`` in [-1, 1]; ``label``: int64 scalar
-        (-1 for a sample without ``.cls``); ``key``: str.
-    """
-
-    def __init__(
-        self,
-        shards: list[str],
-        image_size: int,
-        *,
-        train: bool = True,
-        crop_range: float = 1.1,
-        random_flip: bool = True,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        epoch: int = 0,
-        loop: bool = True,
-    ) -> None:
-        super().__init__()
-        if not shards:
-            raise ValueError("ShardImageDataset needs at least one shard; see expand_shards()")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if crop_range < 1:
-            raise ValueError(f"crop_range must be >= 1, got {crop_range}")
-        self.shards = list(shards)
-        self.image_size = image_size
-        self.train, self.crop_range, self.random_flip = train, crop_range, random_flip
-        self.shuffle_buffer = shuffle_buffer if train else 0
-        self.seed, self.rank, self.world_size, self.epoch, self.loop = (
-            seed, rank, world_size, epoch, loop,
-        )
-        self.skipped = 0
-        self._logged: set[tuple[str, str]] = set()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch of the next ``iter()``; reaches workers only if they are (re)started after it."""
-        self.epoch = epoch
-
-    def _reader(self) -> tuple[int, int]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
-
-    def _skip(self, shard: str, key: str, reason: object) -> None:
-        self.skipped += 1
-        if (shard, key) not in self._logged:
-            self._logged.add((shard, key))
-            logger.warning("skipping %s in shard %s: %s", key or "<rest>", shard, reason)
-
-    def _read_tar(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Yield ``(key, {ext: bytes})`` groups of consecutive members; stop at damage."""
-        key, group = None, {}
-        try:
-            with tarfile.open(shard, mode="r|*") as tar:
-                for member in tar:
-                    m = _KEY_EXT.match(member.name)
-                    if not member.isfile() or m is None:
-                        continue
-                    if m[1] != key:
-                        if key is not None:
-                            yield key, group
-                        key, group = m[1], {}
-                    group[m[2].lower()] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            # Truncated or corrupt tar: a group cut short is dropped, the epoch goes on.
-            self._skip(shard, key or "", f"unreadable tar ({exc})")
-            return
-        if key is not None:
-            yield key, group
-
-    def _records(
-        self, epoch: int, reader: int, readers: int, stream_index: Iterator[int]
-    ) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """This reader's ``(shard, key, members)`` records of one epoch, before shuffling."""
-        order = list(self.shards)
-        if self.train:
-            random.Random(f"shards:{self.seed}:{epoch}").shuffle(order)
-        if len(order) >= readers:
-            for shard in order[reader::readers]:
-                for key, group in self._read_tar(shard):
-                    yield shard, key, group
-            return
-        # Fewer shards than readers: all read everything and keep every readers-th record.
-        # ``stream_index`` runs on across epochs, so with ``loop`` even a reader beyond the
-        # sample count gets data (in a later pass) and the endless stream stays exactly-once.
-        for shard in order:
-            for key, group in self._read_tar(shard):
-                if next(stream_index) % readers == reader:
-                    yield shard, key, group
-
-    def _shuffled(self, records: Iterator, rng: random.Random) -> Iterator:
-        buffer: list = []
-        for record in records:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(record)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], record = record, buffer[i]
-            yield record
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _sample(self, shard: str, key: str, group: dict, epoch: int) -> dict[str, Any] | None:
-        data = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
-        if data is None:
-            self._skip(shard, key, f"no image member (has {sorted(group)})")
-            return None
-        size = self.image_size
-        try:
-            label = int(group["cls"].decode("ascii").strip()) if "cls" in group else -1
-            if self.train:
-                img = decode_image(data, min_size=int(size * self.crop_range))
-                rng = random.Random(f"aug:{self.seed}:{epoch}:{key}")
-                img = random_crop_arr(img, size, self.crop_range, rng)
-                if self.random_flip:
-                    img = random_hflip(img, rng)
-            else:
-                img = center_crop_arr(decode_image(data, min_size=size), size)
-        except (ImageDecodeError, ValueError, UnicodeDecodeError) as exc:
-            self._skip(shard, key, exc)
-            return None
-        label_t = torch.tensor(label, dtype=torch.int64)
-        return {"image": to_tensor(img), "label": label_t, "key": key}
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        reader, readers = self._reader()
-        stream_index = itertools.count()
-        epoch, idle_epochs = self.epoch, 0
-        while True:
-            records = self._records(epoch, reader, readers, stream_index)
-            if self.shuffle_buffer > 1:
-                rng = random.Random(f"buffer:{self.seed}:{epoch}:{reader}:{readers}")
-                records = self._shuffled(records, rng)
-            idle_epochs += 1
-            for shard, key, group in records:
-                sample = self._sample(shard, key, group, epoch)
-                if sample is not None:
-                    idle_epochs = 0
-                    yield sample
-            if not self.loop:
-                return
-            # A reader may legitimately wait up to ``readers`` passes for its first modulo
-            # record; beyond that, looping on would spin forever without yielding.
-            if idle_epochs > readers:
-                raise RuntimeError(
-                    f"reader {reader} of {readers} (rank {self.rank}) got no usable sample from "
-                    f"{len(self.shards)} shards in {idle_epochs} epochs: check the shards "
-                    "(see the warnings above)"
-                )
-            epoch += 1
-
-
-def make_image_loader(
-    shards: str | list[str],
-    image_size: int,
-    batch_size: int,
-    *,
-    num_workers: int = 4,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    crop_range: float = 1.1,
-    random_flip: bool = True,
-    train: bool = True,
-    shuffle_buffer: int = 1000,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader over :class:`ShardImageDataset`: endless and shuffled for ``train``, else
-    one in-order, center-cropped pass per ``iter()``.
-
-    Batches are ``{"image": (B, 3, S, S) float32, "label": (B,) int64, "key": list[str]}``.
-    Train drops the last partial batch so every step has ``batch_size`` samples.
-    """
-    dataset = ShardImageDataset(
-        expand_shards(shards),
-        image_size,
-        train=train,
-        crop_range=crop_range,
-        random_flip=random_flip,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        loop=train,
-    )
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=train,
-    )

@@ -267,7 +267,7 @@ class ShardStream:
         worker = batch.pop("worker")
         self._states[worker] = batch.pop("state")
         self._next_worker = (worker + 1) % self.workers
-        batch["skipped"] = self.metrics()["data/skipped"]
+        batch["skipped"] = self.metrics()["skipped"]
         return batch
 
     def _start(self) -> None:
@@ -369,12 +369,12 @@ class ShardStream:
                 "than this stream's; resume with the same data.source, data.seed and "
                 "data.shuffle_buffer, or start a new run")
 
-    def metrics(self) -> dict[str, float]:
-        """Totals of this rank so far: ``data/skipped`` samples (corrupt + missing), their two
-        parts, ``data/truncated_shards``, and ``data/epoch`` (the slowest worker's)."""
+    def metrics(self) -> dict[str, int]:
+        """Totals of this rank so far (the trainer logs them as ``data/<name>``): ``skipped``
+        samples (``corrupt`` + ``missing``), ``truncated_shards``, and ``epoch`` (the slowest
+        worker's)."""
         states = [s or {} for s in self._states]
         total = {k: sum(s.get(k, 0) for s in states) for k in ("corrupt", "missing", "truncated")}
-        return {"data/skipped": total["corrupt"] + total["missing"],
-                "data/corrupt": total["corrupt"], "data/missing": total["missing"],
-                "data/truncated_shards": total["truncated"],
-                "data/epoch": min(s.get("epoch", self.dataset.epoch) for s in states)}
+        return {"skipped": total["corrupt"] + total["missing"], "corrupt": total["corrupt"],
+                "missing": total["missing"], "truncated_shards": total["truncated"],
+                "epoch": min(s.get("epoch", self.dataset.epoch) for s in states)}

@@ -19,25 +19,17 @@ from typing import Optional
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-
-def is_remote(url: str | os.PathLike) -> bool:
-    return "://" in str(url) and not str(url).startswith("file://")
+from glotok.data.storage import filesystem as remote_filesystem
+from glotok.data.storage import is_remote, with_retries
 
 
 def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URL such as ``s3://bucket/key``."""
+    """(filesystem, path inside it) for a local path or a URL such as ``s3://bucket/key``; the
+    remote clients are :mod:`glotok.data.storage`'s (endpoint and profile from the AWS
+    environment)."""
     url = str(url)
-    if url.startswith("s3://"):
-        import s3fs
-
-        kwargs = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
-        if os.environ.get("AWS_PROFILE"):
-            kwargs["profile"] = os.environ["AWS_PROFILE"]
-        # No listings cache: another rank or process may have written since our last look.
-        return s3fs.S3FileSystem(use_listings_cache=False, **kwargs), url[len("s3://"):]
+    if is_remote(url):
+        return remote_filesystem(url)
     return fsspec.core.url_to_fs(url)
 
 
@@ -69,8 +61,17 @@ class Storage:
         return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self.path(rel), "rb") as f:
-            return f.read()
+        """The file's bytes. A missing file raises FileNotFoundError at once (it is an answer,
+        e.g. an unfinished checkpoint); other remote errors are retried with backoff."""
+        path = self.path(rel)
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except Exception:
+            if self.local:
+                raise
+            return with_retries(lambda: self.fs.cat_file(path), self.url_of(rel))
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()
@@ -110,7 +111,7 @@ class Storage:
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
         else:
-            self.fs.pipe_file(self.path(rel), data)
+            with_retries(lambda: self.fs.pipe_file(self.path(rel), data), self.url_of(rel))
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
@@ -127,7 +128,8 @@ class Storage:
                 shutil.copyfile(local_path, tmp)
             os.replace(tmp, dest)
         else:
-            self.fs.put_file(str(local_path), self.path(rel))
+            with_retries(lambda: self.fs.put_file(str(local_path), self.path(rel)),
+                         self.url_of(rel))
             if move:
                 os.remove(local_path)
 
