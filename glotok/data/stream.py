@@ -109,36 +109,64 @@ def _identity(batch: dict) -> dict:
     return batch  # the dataset yields whole batches; the DataLoader only moves them
 
 
-def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 tensor; in a DataLoader worker, in shared memory from the start, so handing the
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker, in shared memory from the start, so handing the
     batch to the main process copies nothing (what torch's default_collate does)."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape)
+        return torch.empty(shape, dtype=dtype)
     numel = 1
     for n in shape:
         numel *= n
-    storage_ = torch.empty(0)._typed_storage()._new_shared(numel)
-    return torch.empty(0).new(storage_).view(shape)
+    storage_ = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage_).view(shape)
+
+
+class ImageCodec:
+    """Turns a sample's image member into ``image`` float32 ``(3, S, S)`` in [-1, 1]: LlamaGen
+    random crop + flip for training (drawn from ``(seed, epoch, key)``), center crop else."""
+
+    def __init__(self, image_size: int, *, train: bool, crop_range: float, random_flip: bool,
+                 seed: int):
+        self.image_size, self.train = image_size, train
+        self.crop_range, self.random_flip, self.seed = crop_range, random_flip, seed
+
+    def buffers(self, batch_size: int) -> dict[str, torch.Tensor]:
+        s = self.image_size
+        return {"image": _batch_buffer((batch_size, 3, s, s))}
+
+    def decode_into(self, members: dict, key: str, epoch: int, out: dict[str, torch.Tensor],
+                    i: int) -> None:
+        """Raises ImageDecodeError (or ValueError) when the sample has no usable image."""
+        data = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+        if data is None:
+            raise ImageDecodeError(f"no image member (it has {sorted(members)})")
+        size = self.image_size
+        if not self.train:
+            arr = center_crop(decode_rgb(data, size), size)
+        else:
+            rng = random.Random(f"aug:{self.seed}:{epoch}:{key}")
+            arr = random_crop(decode_rgb(data, int(size * self.crop_range)), size,
+                              self.crop_range, rng, flip=self.random_flip)
+        to_unit_range(arr, out["image"][i])
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
     """Batches from one rank's readers; each DataLoader worker is one reader.
 
-    Yields dicts: ``image`` float32 ``(B, 3, S, S)`` in [-1, 1], ``label`` int64 ``(B,)`` (-1
-    without ``.cls``), ``key`` list of str, ``state`` the worker's position after the batch, and
-    ``worker`` its logical index. ``resume`` (logical worker -> state) and ``rotation`` (which
-    logical worker DataLoader worker 0 plays) are set by :class:`ShardStream` before it starts
-    the workers.
+    Yields dicts: the codec's tensors (``image`` float32 ``(B, 3, S, S)`` in [-1, 1] for
+    :class:`ImageCodec`), ``label`` int64 ``(B,)`` (-1 without ``.cls``), ``key`` list of str,
+    ``state`` the worker's position after the batch, and ``worker`` its logical index.
+    ``resume`` (logical worker -> state) and ``rotation`` (which logical worker DataLoader
+    worker 0 plays) are set by :class:`ShardStream` before it starts the workers.
     """
 
-    def __init__(self, shards: list[ShardInfo], image_size: int, batch_size: int, *, train: bool,
-                 crop_range: float, random_flip: bool, shuffle_buffer: int, seed: int, rank: int,
-                 world_size: int, epoch: int, loop: bool, drop_last: bool,
-                 options: StorageOptions, read_ahead: int, retries: int, backoff: float):
+    def __init__(self, shards: list[ShardInfo], codec: Any, batch_size: int, *, train: bool,
+                 shuffle_buffer: int, seed: int, rank: int, world_size: int, epoch: int,
+                 loop: bool, drop_last: bool, options: StorageOptions, read_ahead: int,
+                 retries: int, backoff: float):
         super().__init__()
-        self.shards, self.image_size, self.batch_size = shards, image_size, batch_size
-        self.train, self.crop_range, self.random_flip = train, crop_range, random_flip
-        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
+        self.shards, self.codec, self.batch_size = shards, codec, batch_size
+        self.train, self.shuffle_buffer, self.seed, self.epoch = train, shuffle_buffer, seed, epoch
         self.rank, self.world_size, self.loop, self.drop_last = rank, world_size, loop, drop_last
         self.options, self.read_ahead = options, read_ahead
         self.retries, self.backoff = retries, backoff
@@ -148,18 +176,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _fetch(self, url: str) -> bytes:
         return storage.read_bytes(url, self.options, retries=self.retries, backoff=self.backoff)
-
-    def _image(self, members: dict, key: str, epoch: int) -> torch.Tensor:
-        """uint8 ``(3, S, S)`` of one sample; ImageDecodeError when it has no usable image."""
-        data = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-        if data is None:
-            raise ImageDecodeError(f"no image member (it has {sorted(members)})")
-        size = self.image_size
-        if not self.train:
-            return center_crop(decode_rgb(data, size), size)
-        arr = decode_rgb(data, int(size * self.crop_range))
-        rng = random.Random(f"aug:{self.seed}:{epoch}:{key}")
-        return random_crop(arr, size, self.crop_range, rng, flip=self.random_flip)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -171,13 +187,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         walker = ShardWalker(self.shards, self._fetch, reader=reader, readers=readers,
                              seed=self.seed, shuffle=self.train, buffer_size=self.shuffle_buffer,
                              loop=self.loop, state=state, read_ahead=self.read_ahead)
-        shape = (self.batch_size, 3, self.image_size, self.image_size)
-        images, labels, keys = _batch_buffer(shape), [], []
+        out, labels, keys = self.codec.buffers(self.batch_size), [], []
         last_good_epoch = state.epoch
         for rec in walker:
             try:
                 label = int(rec.members["cls"].decode("ascii")) if "cls" in rec.members else -1
-                to_unit_range(self._image(rec.members, rec.key, rec.epoch), images[len(keys)])
+                self.codec.decode_into(rec.members, rec.key, rec.epoch, out, len(keys))
             except (ImageDecodeError, ValueError, UnicodeDecodeError) as exc:
                 state.corrupt += 1
                 if (rec.shard, rec.key) not in self._logged:
@@ -194,14 +209,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
             labels.append(label)
             keys.append(rec.key)
             if len(keys) == self.batch_size:
-                yield self._batch(images, labels, keys, walker, logical)
-                images, labels, keys = _batch_buffer(shape), [], []
+                yield self._batch(out, labels, keys, walker, logical)
+                out, labels, keys = self.codec.buffers(self.batch_size), [], []
         if keys and not self.drop_last:
-            yield self._batch(images[:len(keys)], labels, keys, walker, logical)
+            yield self._batch({k: v[:len(keys)] for k, v in out.items()}, labels, keys, walker,
+                              logical)
 
     @staticmethod
-    def _batch(images, labels, keys, walker: ShardWalker, logical: int) -> dict[str, Any]:
-        return {"image": images, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+    def _batch(tensors, labels, keys, walker: ShardWalker, logical: int) -> dict[str, Any]:
+        return {**tensors, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
                 "state": walker.snapshot(), "worker": logical}
 
 
@@ -210,7 +226,7 @@ class ShardStream:
 
     Args:
         source: manifest, pattern, directory or list (see :func:`resolve_shards`).
-        image_size: side ``S`` of the square crops.
+        image_size: side ``S`` of the square crops (of the default :class:`ImageCodec`).
         batch_size: samples per batch (per rank).
         train: random crop + flip, shuffled, endless; else center crop, in order, one pass.
         num_workers: DataLoader worker processes, each one reader (0: read in this process).
@@ -222,15 +238,17 @@ class ShardStream:
         loop, drop_last: default to ``train``.
         epoch: the epoch a fresh stream starts in.
         options, retries, retry_backoff: how to reach remote shards and how hard to retry.
+        codec: turns a sample's members into batch tensors (``buffers``, ``decode_into``);
+            default :class:`ImageCodec`. The token stream of the AR trainer passes its own.
     """
 
-    def __init__(self, source: str | list[ShardInfo], image_size: int, batch_size: int, *,
-                 train: bool = True, num_workers: int = 2, prefetch_factor: int = 2,
+    def __init__(self, source: str | list[ShardInfo], image_size: Optional[int], batch_size: int,
+                 *, train: bool = True, num_workers: int = 2, prefetch_factor: int = 2,
                  read_ahead: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
                  crop_range: float = 1.1, random_flip: bool = True, shuffle_buffer: int = 1000,
                  loop: Optional[bool] = None, drop_last: Optional[bool] = None, epoch: int = 0,
                  options: StorageOptions = StorageOptions(), retries: int = 5,
-                 retry_backoff: float = 0.5):
+                 retry_backoff: float = 0.5, codec: Any = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if crop_range < 1:
@@ -242,9 +260,12 @@ class ShardStream:
             source, options, retries=retries, backoff=retry_backoff)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.rank, self.world_size = rank, world_size
+        if codec is None:
+            codec = ImageCodec(image_size, train=train, crop_range=crop_range,
+                               random_flip=random_flip, seed=seed)
         self.dataset = ShardDataset(
-            shards, image_size, batch_size, train=train, crop_range=crop_range,
-            random_flip=random_flip, shuffle_buffer=shuffle_buffer, seed=seed, rank=rank,
+            shards, codec, batch_size, train=train, shuffle_buffer=shuffle_buffer, seed=seed,
+            rank=rank,
             world_size=world_size, epoch=epoch, loop=train if loop is None else loop,
             drop_last=train if drop_last is None else drop_last, options=options,
             read_ahead=read_ahead, retries=retries, backoff=retry_backoff)
