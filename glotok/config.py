@@ -119,18 +119,11 @@ class TokenizerLossConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where images come from and how they are augmented."""
+class ShardReadConfig:
+    """How any shard stream (images or tokens) reads its shards."""
 
-    # "sample" (the built-in photos, sharded once into the cache), a manifest written by
-    # tools/make_shards.py ("s3://bucket/imagenet/train/manifest.json" or a local path), or a
-    # shard pattern such as "/data/imagenet/train-{000000..001023}.tar".
-    source: str = "sample"
-    batch_size: int = 8  # per rank, per step
     num_workers: int = 2  # DataLoader workers per rank; each reads its own shards
-    crop_range: float = 1.1  # LlamaGen: resize the short side to size*crop_range, random crop
-    random_flip: bool = True
-    shuffle_buffer: int = 1000  # samples per worker (held as JPEG bytes: ~110 MB on ImageNet)
+    shuffle_buffer: int = 1000  # samples per worker (held as raw bytes)
     seed: int = 0
     prefetch_factor: int = 2  # batches each worker keeps ready
     read_ahead: int = 1  # shards each worker downloads while it decodes the current one
@@ -140,6 +133,19 @@ class DataConfig:
     # they come from the environment, a profile or an instance role.
     s3_endpoint_url: Optional[str] = None
     s3_profile: Optional[str] = None
+
+
+@dataclass
+class DataConfig(ShardReadConfig):
+    """Where images come from and how they are augmented."""
+
+    # "sample" (the built-in photos, sharded once into the cache), a manifest written by
+    # tools/make_shards.py ("s3://bucket/imagenet/train/manifest.json" or a local path), or a
+    # shard pattern such as "/data/imagenet/train-{000000..001023}.tar".
+    source: str = "sample"
+    batch_size: int = 8  # per rank, per step
+    crop_range: float = 1.1  # LlamaGen: resize the short side to size*crop_range, random crop
+    random_flip: bool = True
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from glotok.config import (CheckpointConfig, ClusterConfig, ConfigError, RunConfig,
-                           _validate_cluster, load_config)
+                           ShardReadConfig, _validate_cluster, load_config)
 
 
 @dataclass
@@ -47,20 +47,18 @@ class ARModelConfig:
 
 
 @dataclass
-class ARDataConfig:
+class ARDataConfig(ShardReadConfig):
     """Pre-tokenized token shards (tools/pretokenize.py): per image, one (2, h, w) index map per
     augmentation variant (flip / ten-crop)."""
 
-    # "sample" (the built-in photos through the sample tokenizer) or a shard pattern such as
-    # "/data/imagenet-tokens/train-{000000..000127}.tar".
-    source: str = "sample"
-    # "random": one variant drawn per sample and epoch (the FAR recipe); "first": always variant
-    # 0, the un-augmented centre crop (for debugging and overfitting checks).
+    # The token shards' manifest (tools/pretokenize.py writes it last), local or s3://, or a
+    # shard pattern such as "/data/imagenet-tokens/train-{000000..000127}.tar".
+    source: str = "runs/sample-tokens/manifest.json"
+    # "random": one variant drawn per sample and epoch (the FAR recipe); "first": always the
+    # first variant, the un-augmented centre crop (for debugging and overfitting checks).
     variant: str = "random"
     global_batch_size: int = 256  # over all ranks; must divide evenly by the world size
-    num_workers: int = 2
     shuffle_buffer: int = 10000
-    seed: int = 0
 
 
 @dataclass
@@ -133,7 +131,8 @@ def validate_ar(cfg: Any) -> None:
     """Raise :class:`ConfigError` naming the key for anything that cannot run."""
     validate_ar_model(cfg.model)
     d, o, t, s = cfg.data, cfg.optim, cfg.train, cfg.sample
-    _require(bool(d.source), "data.source", "must be 'sample' or a shard pattern")
+    _require(bool(d.source), "data.source",
+             "must name token shards: the manifest.json of tools/pretokenize.py or a pattern")
     _require(d.variant in ("random", "first"), "data.variant",
              f"'{d.variant}' is not one of random, first")
     _require(d.global_batch_size >= 1, "data.global_batch_size", "must be >= 1")

@@ -189,7 +189,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
                              loop=self.loop, state=state, read_ahead=self.read_ahead)
         out, labels, keys = self.codec.buffers(self.batch_size), [], []
         last_good_epoch = state.epoch
+        accept = getattr(self.codec, "accept", None)
         for rec in walker:
+            if accept is not None and not accept(rec.members, rec.key, rec.epoch):
+                continue  # e.g. another augmentation variant of an image than this epoch's
             try:
                 label = int(rec.members["cls"].decode("ascii")) if "cls" in rec.members else -1
                 self.codec.decode_into(rec.members, rec.key, rec.epoch, out, len(keys))
@@ -238,8 +241,9 @@ class ShardStream:
         loop, drop_last: default to ``train``.
         epoch: the epoch a fresh stream starts in.
         options, retries, retry_backoff: how to reach remote shards and how hard to retry.
-        codec: turns a sample's members into batch tensors (``buffers``, ``decode_into``);
-            default :class:`ImageCodec`. The token stream of the AR trainer passes its own.
+        codec: turns a sample's members into batch tensors (``buffers``, ``decode_into``, and
+            optionally ``accept`` to pass over records); default :class:`ImageCodec`. The token
+            stream of the AR trainer passes its own.
     """
 
     def __init__(self, source: str | list[ShardInfo], image_size: Optional[int], batch_size: int,

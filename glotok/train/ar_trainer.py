@@ -44,7 +44,7 @@ class ARTrainer(Trainer):
         self.engine = self.build_engine("model", model, adamw(model, cfg.optim, self.device),
                                         self.micro_batch)
         self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema else None
-        from glotok.data.tokens import build_token_stream
+        from glotok.data.token_stream import build_token_stream
 
         self.stream = build_token_stream(cfg.data, self.micro_batch, self.dist.rank, world)
         self.seed_rank()
