@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print("glotok: pass --address http://HEAD:8265 or set RAY_ADDRESS", file=sys.stderr)
             return 2
         submit.submit(args.address, Path(args.config), args.overrides, follow=args.follow,
-                      job_id=args.job_id)
+                      job_id=args.job_id, stop_grace_s=cfg.checkpoint.sigterm_grace_s)
         return 0
     if args.no_ray or "LOCAL_RANK" in os.environ:  # in-process, or one rank under torchrun
         from glotok.jobs import make_trainer

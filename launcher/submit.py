@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXCLUDES = [".venv", ".git", "runs", "wandb", "**/__pycache__", "*.egg-info", ".pytest_cache",
             ".ci-tmp", "bench-out"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 120
 
 
 def _client(address: str):
@@ -36,13 +37,24 @@ def entrypoint(config: Path, overrides: list[str]) -> str:
 
 
 def submit(address: str, config: Path, overrides: list[str], follow: bool = False,
-           job_id: str | None = None) -> str:
+           job_id: str | None = None, stop_grace_s: float = 120.0) -> str:
+    """Submit; ``stop_grace_s``: how long `glotok stop` lets the job checkpoint after SIGTERM
+    before Ray kills it (Ray's own default is 3 s)."""
     client = _client(address)
-    job = client.submit_job(
-        entrypoint=entrypoint(config, overrides), submission_id=job_id,
-        runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES,
-                     "env_vars": {"PYTHONUNBUFFERED": "1"}},
-        metadata={"glotok_config": str(config), "overrides": " ".join(overrides)})
+    env = {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(int(stop_grace_s) + 15)}
+    kwargs = dict(entrypoint=entrypoint(config, overrides), submission_id=job_id,
+                  runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": env},
+                  metadata={"glotok_config": str(config), "overrides": " ".join(overrides)})
+    # A head that has just started answers before its job agent is up: wait for it (bounded).
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job = client.submit_job(**kwargs)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     print(f"submitted job {job}\n  follow : glotok logs {job} --address {address} --follow\n"
           f"  status : glotok status {job} --address {address}\n"
           f"  stop   : glotok stop {job} --address {address}")

@@ -157,13 +157,15 @@ def test_submit_to_a_ray_head_follow_logs_and_stop(tmp_path, ray_env):
             assert time.monotonic() < deadline, f"no training progress in the job logs:\n{logs}"
             time.sleep(2)
             logs = run_cli("logs", job, "--address", address, **ray_env).stdout
-        assert run_cli("status", job, "--address", address, **ray_env).stdout.strip().endswith(
-            "RUNNING")
+        assert ": RUNNING" in run_cli("status", job, "--address", address, **ray_env).stdout
         stop = run_cli("stop", job, "--address", address, **ray_env)
         assert stop.returncode == 0, stop.stderr
         deadline = time.monotonic() + 120
         while "STOPPED" not in run_cli("status", job, "--address", address, **ray_env).stdout:
             assert time.monotonic() < deadline, "job did not stop"
             time.sleep(2)
+        # `glotok stop` sends SIGTERM: the job checkpointed the step it was at before exiting.
+        latest = CheckpointManager(Storage(tmp_path / "submitted/checkpoints"), tmp_path).latest()
+        assert latest is not None and latest.step == max(metrics_by_step(tmp_path / "submitted"))
     finally:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

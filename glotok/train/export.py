@@ -78,6 +78,14 @@ def _fp32_engine_weights(storage: Storage, name: str, manifest: dict, engine: st
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def read_run_config(path: str) -> dict:
+    """The resolved config (a plain dict) saved with a run's newest (or the given) checkpoint."""
+    storage, name = resolve_checkpoint(path)
+    trainer = torch.load(io.BytesIO(storage.read_bytes(f"{name}/trainer.pt")),
+                         map_location="cpu", weights_only=True)
+    return trainer["config"]
+
+
 def _load(path: str, engine: str, ema: bool, build: Callable[[dict], tuple[Any, Any]]):
     storage, name = resolve_checkpoint(path)
     manifest = read_manifest(storage, name)
