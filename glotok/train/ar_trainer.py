@@ -60,6 +60,8 @@ class ARTrainer(Trainer):
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         idx = batch["indices"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
+        # An image without a class (label -1) trains the unconditional (null-class) path.
+        labels = torch.where(labels < 0, self.cfg.model.num_classes, labels)
         out = self.engine(idx, labels)
         self.engine.backward(out["loss"])
         self.engine.step()

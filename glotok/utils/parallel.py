@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
+import functools
 import logging
 import os
 import threading
@@ -109,10 +111,40 @@ def connect(address: Optional[str]) -> None:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (P2)
-    ray.init(address="local", num_cpus=os.cpu_count() or 1,
-             include_dashboard=os.environ.get("GLOTOK_RAY_DASHBOARD") == "1",
-             dashboard_host="127.0.0.1", _temp_dir=os.environ.get("GLOTOK_RAY_TMPDIR") or None,
-             log_to_driver=True, configure_logging=False)
+    with _random_agent_port():
+        ray.init(address="local", num_cpus=os.cpu_count() or 1,
+                 include_dashboard=os.environ.get("GLOTOK_RAY_DASHBOARD") == "1",
+                 dashboard_host="127.0.0.1",
+                 _temp_dir=os.environ.get("GLOTOK_RAY_TMPDIR") or None,
+                 log_to_driver=True, configure_logging=False)
+
+
+@contextlib.contextmanager
+def _random_agent_port():
+    """Let the embedded Ray's dashboard agent take a free port.
+
+    ``ray.init`` (Ray 2.60) starts the agent on the fixed port 52365 and has no option to change
+    it; a second embedded Ray on the same host (two tools at once, parallel test sessions)
+    fails to bind, and its raylet, which shares the agent's fate, dies seconds later
+    ("owner's node has crashed"). Port 0 is Ray's own "pick one" value for this port.
+    """
+    try:
+        from ray._private import parameter
+    except ImportError:  # another Ray layout: start with its defaults
+        yield
+        return
+    original = parameter.RayParams.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
 
 
 class _WorkerHost:
