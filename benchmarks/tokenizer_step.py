@@ -6,8 +6,8 @@
 
 Both loops run the same model, losses and batch (real sample photos, GAN active, histogram loss
 on): the DeepSpeed step is what glotok trains with; the baseline is the same step written with
-plain torch.optim, to show what the engines cost. Steps are timed after warm-up, with a device
-sync per step. The last line is one JSON object: ``images_per_s`` (DeepSpeed step),
+plain torch.optim, to show what the engines cost. Steps are timed after warm-up, alternating
+between the two loops, with a device sync per step; medians are reported. The last line is one JSON object: ``images_per_s`` (DeepSpeed step),
 ``baseline_images_per_s``, ``overhead`` (1 - ratio), and the setting.
 """
 
@@ -99,11 +99,14 @@ def main() -> None:
         trainer = TokenizerTrainer(cfg)
         batch = next(trainer.stream)
         trainer.step = cfg.loss.gan_start_step  # GAN active: the full step
-        time_steps(trainer.train_step, batch, args.warmup, trainer.device)
-        ds = time_steps(trainer.train_step, batch, args.steps, trainer.device)
         base_fn = plain_torch_step_fn(trainer)
+        time_steps(trainer.train_step, batch, args.warmup, trainer.device)
         time_steps(base_fn, batch, args.warmup, trainer.device)
-        base = time_steps(base_fn, batch, args.steps, trainer.device)
+        # Interleaved, so that load from other processes hits both loops alike.
+        ds, base = [], []
+        for _ in range(args.steps):
+            ds += time_steps(trainer.train_step, batch, 1, trainer.device)
+            base += time_steps(base_fn, batch, 1, trainer.device)
 
     b = batch["image"].shape[0]
     ips, base_ips = b / statistics.median(ds), b / statistics.median(base)
