@@ -343,10 +343,8 @@ def _validate_tokenizer(cfg: Any) -> None:
         _require(lo.perceptual_weight == 0, "loss.perceptual_weight",
                  "is > 0 but loss.perceptual.backbone is 'none': set loss.perceptual_weight=0 "
                  "to train without a perceptual term, or choose a backbone")
-    for k in ("vgg_path", "lin_path"):
-        p = lo.perceptual[k]
-        if lo.perceptual_weight > 0 and lo.perceptual.backbone == "lpips_vgg" and p:
-            _require(Path(p).is_file(), f"loss.perceptual.{k}", f"file {p} does not exist")
+    if lo.perceptual_weight > 0 and lo.perceptual.backbone == "lpips_vgg":
+        _validate_lpips_weights(lo.perceptual)
     _require(lo.gan_start_step >= 0, "loss.gan_start_step", "must be >= 0")
     _require(lo.disc.n_layers >= 1 and lo.disc.ndf >= 1, "loss.disc", "n_layers and ndf must be >= 1")
     h = lo.hist
@@ -401,6 +399,24 @@ def _validate_tokenizer(cfg: Any) -> None:
              f"'{cfg.run.wandb}' is not one of auto, online, offline, disabled")
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name",
              "must be a non-empty name without '/'")
+
+
+def _validate_lpips_weights(p: Any) -> None:
+    """LPIPS-VGG needs two weight files; nothing is downloaded, so a run without them is
+    refused here, before any compute (found without importing torchvision or lpips)."""
+    import importlib.util
+
+    ways_out = ("set loss.perceptual.vgg_path=/path/vgg16.pth loss.perceptual.lin_path="
+                "/path/vgg.pth, choose loss.perceptual.backbone=efficientnet_lite0, or set "
+                "loss.perceptual_weight=0 loss.perceptual.backbone=none")
+    for key, package in (("vgg_path", "torchvision"), ("lin_path", "lpips")):
+        path = p[key]
+        if path:
+            _require(Path(path).is_file(), f"loss.perceptual.{key}", f"file {path} does not exist")
+        else:
+            _require(importlib.util.find_spec(package) is not None, f"loss.perceptual.{key}",
+                     f"LPIPS-VGG has no weights: no file is given and the {package} package is "
+                     f"not installed; {ways_out}")
 
 
 def _validate_cluster(c: Any) -> None:

@@ -14,19 +14,25 @@ from glotok.losses.teacher import TeacherHistogram
 @pytest.mark.parametrize("name,sem,vis", [("glotok-b", 4096, 12288), ("glotok-2x", 16384, 16384),
                                           ("sample", 256, 512)])
 def test_shipped_configs_load_with_their_codebook_sizes(repo, tmp_path, name, sem, vis):
-    overrides = []
-    if name != "sample":  # the paper configs need a teacher file; any valid one will do here
-        t = TeacherHistogram(histogram=[1 / 40] * 40, bins=40, alpha=190.0, provenance={})
-        t.save(tmp_path / "t.json")
-        overrides = [f"loss.hist.teacher={tmp_path / 't.json'}"]
+    overrides = [] if name == "sample" else paper_files(tmp_path)
     cfg = load_config(repo / f"configs/tokenizer/{name}.yaml", overrides)
     assert (cfg.model.semantic_codebook_size, cfg.model.visual_codebook_size) == (sem, vis)
 
 
+def paper_files(tmp_path) -> list[str]:
+    """The files a cluster user provides for the paper configs: a teacher histogram (any valid
+    one) and the LPIPS weight files (validation checks that they exist)."""
+    TeacherHistogram(histogram=[1 / 40] * 40, bins=40, alpha=190.0, provenance={}).save(
+        tmp_path / "t.json")
+    (tmp_path / "vgg16.pth").write_bytes(b"")
+    (tmp_path / "vgg.pth").write_bytes(b"")
+    return [f"loss.hist.teacher={tmp_path / 't.json'}",
+            f"loss.perceptual.vgg_path={tmp_path / 'vgg16.pth'}",
+            f"loss.perceptual.lin_path={tmp_path / 'vgg.pth'}"]
+
+
 def test_paper_config_follows_the_recipe(repo, tmp_path):
-    t = TeacherHistogram(histogram=[1 / 40] * 40, bins=40, alpha=190.0, provenance={})
-    t.save(tmp_path / "t.json")
-    cfg = load_config(repo / "configs/tokenizer/glotok-b.yaml", [f"loss.hist.teacher={tmp_path / 't.json'}"])
+    cfg = load_config(repo / "configs/tokenizer/glotok-b.yaml", paper_files(tmp_path))
     lo = cfg.loss
     assert (lo.rec_weight, lo.perceptual_weight, lo.gan_weight, lo.codebook_weight) == (1, 1, 0.5, 1)
     assert (lo.commit_beta, lo.residual_weight, lo.hist_weight, lo.gan_start_step) == (0.25, 0.5, 0.01, 20000)
@@ -94,3 +100,13 @@ def test_cli_rejects_bad_config_before_compute(repo):
                        capture_output=True, text=True, cwd=repo, timeout=120)
     assert r.returncode == 2
     assert "model.ch_multt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lpips_without_weights_fails_before_compute_with_the_ways_out(repo, tmp_path):
+    # No VGG16 file is given and torchvision is not installed here: nothing may be downloaded.
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: its weights count as present")
+    with pytest.raises(ConfigError, match=r"loss\.perceptual\.vgg_path.*efficientnet_lite0"):
+        load_config(repo / "configs/tokenizer/sample.yaml", ["loss.perceptual.backbone=lpips_vgg"])
