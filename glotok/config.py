@@ -421,7 +421,8 @@ def _validate_lpips_weights(p: Any) -> None:
 
 def _validate_cluster(c: Any) -> None:
     _require(c.num_workers >= 1, "cluster.num_workers", "must be >= 1")
-    _require(c.use_gpu in ("auto", "true", "false"), "cluster.use_gpu",
+    # A YAML/CLI boolean arrives as "True"/"False" in this string field.
+    _require(str(c.use_gpu).lower() in ("auto", "true", "false"), "cluster.use_gpu",
              f"'{c.use_gpu}' is not one of auto, true, false")
     _require(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
     _require(c.gpus_per_worker > 0, "cluster.gpus_per_worker", "must be > 0")

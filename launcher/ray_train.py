@@ -49,8 +49,8 @@ def connect(address: Optional[str], cfg: Any) -> None:
 
 
 def _use_gpu(setting: str) -> bool:
-    if setting != "auto":
-        return setting == "true"
+    if setting.lower() != "auto":
+        return setting.lower() == "true"
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
@@ -89,7 +89,10 @@ def _worker_loop(loop_config: dict) -> None:
         if actor is None or requested[0] or time.monotonic() - last_poll[0] < 2.0:
             return requested[0]
         last_poll[0] = time.monotonic()
-        requested[0] = bool(ray.get(actor.requested.remote()))
+        try:
+            requested[0] = bool(ray.get(actor.requested.remote(), timeout=30))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # the driver is gone or busy: train on; a lost driver ends the job anyway
         return requested[0]
 
     make_trainer(cfg, stop_check=stop_check).train()
@@ -116,7 +119,13 @@ def run(cfg: Any, address: Optional[str] = None) -> dict:
             return self.flag
 
     actor_name = f"stop-{cfg.run.name}-{os.getpid()}-{int(time.time())}"
-    stop_actor = StopRequest.options(name=actor_name, namespace=STOP_ACTOR_NAMESPACE).remote()
+    # Pinned to the driver's node: the node whose loss ends the job anyway. Anywhere else, a
+    # lost node would take the actor with it and fail the restarted workers.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    stop_actor = StopRequest.options(name=actor_name, namespace=STOP_ACTOR_NAMESPACE,
+                                     scheduling_strategy=here).remote()
     received = []
 
     def forward_signal(signum, frame):

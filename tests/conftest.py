@@ -103,3 +103,26 @@ def s3(s3_server, monkeypatch) -> str:
     s3fs.S3FileSystem(skip_instance_cache=True,
                       client_kwargs={"endpoint_url": s3_server.endpoint}).mkdir(bucket)
     return f"s3://{bucket}"
+
+
+# --- a trained sample tokenizer, for the offline tools' tests ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def sample_tokenizer(sample_shards) -> Path:
+    """Run directory of a sample tokenizer trained for 3 steps through the real
+    ``glotok train --no-ray`` (about 30 s), once per session."""
+    import subprocess
+    import sys
+
+    out = _SESSION_TMP / "runs"
+    run = out / "tok"
+    if not (run / "checkpoints" / "latest").is_file():
+        cmd = [sys.executable, "-m", "launcher.cli", "train", "configs/tokenizer/sample.yaml",
+               f"run.output_dir={out}", "run.name=tok", "train.max_steps=3", "checkpoint.every=3",
+               "data.batch_size=4", "train.image_every=0", "run.wandb=disabled",
+               "data.num_workers=1", "--no-ray"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.returncode == 0, f"training the sample tokenizer failed:\n{proc.stderr[-3000:]}"
+    return run

@@ -110,3 +110,9 @@ def test_lpips_without_weights_fails_before_compute_with_the_ways_out(repo, tmp_
         pytest.skip("torchvision is installed: its weights count as present")
     with pytest.raises(ConfigError, match=r"loss\.perceptual\.vgg_path.*efficientnet_lite0"):
         load_config(repo / "configs/tokenizer/sample.yaml", ["loss.perceptual.backbone=lpips_vgg"])
+
+
+@pytest.mark.parametrize("value", ["true", "True", "false", "auto"])
+def test_use_gpu_accepts_yaml_booleans(repo, value):
+    cfg = load_config(repo / "configs/tokenizer/sample.yaml", [f"cluster.use_gpu={value}"])
+    assert str(cfg.cluster.use_gpu).lower() == value.lower()

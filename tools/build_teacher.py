@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="center-crop size fed to the model (default 256)")
     m.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     m.add_argument("--decode-workers", type=int, default=None,
-                   help="image-decoding processes per Ray worker (default: 4 with a GPU, else 1)")
+                   help="image-decoding processes per Ray worker (default: with a GPU, its "
+                        "CPUs but one; on CPU 1)")
     m.add_argument("--feature-dtype", default="float16", choices=("float16", "float32"),
                    help="dtype of the stored features (default float16: half the disk)")
     m.add_argument("--work-dir", help="per-shard features (default: OUTPUT stem + .work)")

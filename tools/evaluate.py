@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lpips-lin", help="LPIPS v0.1 linear weights (lpips: weights/v0.1/vgg.pth)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--decode-workers", type=int, default=None,
-                   help="image-decoding processes per Ray worker (default: 4 with a GPU, else 1)")
+                   help="image-decoding processes per Ray worker (default: with a GPU, its "
+                        "CPUs but one; on CPU 1)")
     p.add_argument("--generator-weights", action="store_true",
                    help="use the generator's weights even when the checkpoint has an EMA")
     p.add_argument("--grid-images", type=int, default=8,

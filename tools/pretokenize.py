@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per forward pass (default 64)")
     p.add_argument("--decode-workers", type=int, default=None,
-                   help="image-decoding processes per Ray worker (default: 4 with a GPU, else 1)")
+                   help="image-decoding processes per Ray worker (default: with a GPU, its "
+                        "CPUs but one; on CPU 1)")
     p.add_argument("--generator-weights", action="store_true",
                    help="use the generator's weights even when the checkpoint has an EMA")
     p.add_argument("--verify", action="store_true",

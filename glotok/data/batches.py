@@ -51,6 +51,14 @@ def _collate(items: list[dict]) -> dict:
                                           if "error" in it]}
 
 
+def default_decode_workers() -> int:
+    """Decoding processes per worker: on a GPU every CPU thread this worker was given but one
+    (decoding must keep up with the accelerator), on CPU one (the cores belong to the model)."""
+    if torch.cuda.is_available():
+        return max(2, min(16, torch.get_num_threads() - 1))
+    return 1
+
+
 def decoded_batches(records: list[tuple[str, dict]], transform: Transform, batch_size: int,
                     num_workers: int = 1, pin_memory: Optional[bool] = None) -> Iterator[dict]:
     """Batches of ``batch_size`` samples of ``records`` (``(key, {ext: bytes})``, e.g. from

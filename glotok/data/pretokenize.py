@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from glotok.data import storage
-from glotok.data.batches import decoded_batches
+from glotok.data.batches import decoded_batches, default_decode_workers
 from glotok.data.receipts import Receipts, plan_digest
 from glotok.data.sources import open_shard_set
 from glotok.data.storage import StorageOptions
@@ -47,12 +47,6 @@ class ShardTask:
     url: str
     name: str
     digest: str
-
-
-def default_decode_workers() -> int:
-    """Decoding processes per worker: a few on a GPU (decode must keep up), 1 on CPU (the
-    cores are the model's)."""
-    return 4 if torch.cuda.is_available() else 1
 
 
 class TokenizeWorker(ShardWorker):
@@ -131,7 +125,8 @@ def pretokenize(source: str, output: str, checkpoint: str, *, variants: str = "c
         variants, random_crops, crop_range, seed: see :mod:`glotok.data.variants`.
         batch_size: images per forward pass (variants of one image stay in one batch).
         ema: EMA weights when the checkpoint has them (else the generator's).
-        decode_workers: decoding processes per worker (default: 4 on GPU, 1 on CPU).
+        decode_workers: decoding processes per worker (default: see
+            :func:`glotok.data.batches.default_decode_workers`).
         verify: on a rerun, re-hash and re-count finished shards before skipping them.
         ray: where the tasks run (:class:`~glotok.utils.parallel.RayOptions`).
     """

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from glotok.data import storage
-from glotok.data.batches import decoded_batches
+from glotok.data.batches import decoded_batches, default_decode_workers
 from glotok.data.receipts import Receipts, plan_digest
 from glotok.data.sources import open_shard_set
 from glotok.data.storage import StorageOptions
@@ -74,7 +74,8 @@ class ReconstructionWorker(ShardWorker):
     def __init__(self, checkpoint: str, ema: bool, batch_size: int,
                  decode_workers: Optional[int], with_reference: bool,
                  inception_path: Optional[str], lpips_vgg: Optional[str],
-                 lpips_lin: Optional[str], partial_dir: str, options: StorageOptions):
+                 lpips_lin: Optional[str], seed: int, partial_dir: str,
+                 options: StorageOptions):
         from glotok.models.perceptual import LPIPS, PerceptualWeightsError
         from glotok.train.export import load_tokenizer
 
@@ -87,8 +88,9 @@ class ReconstructionWorker(ShardWorker):
         except PerceptualWeightsError:
             self.lpips = None
         self.batch_size, self.with_reference, self.options = batch_size, with_reference, options
-        self.decode_workers = decode_workers if decode_workers is not None else (
-            4 if self.device.type == "cuda" else 1)
+        self.seed = seed
+        self.decode_workers = (default_decode_workers() if decode_workers is None
+                               else decode_workers)
         self.receipts = Receipts(partial_dir, options)
 
     def fetch(self, task: EvalTask) -> bytes:
@@ -106,7 +108,7 @@ class ReconstructionWorker(ShardWorker):
                                                 "ssim", "lpips", "grid_orig", "grid_recon")}
         counts = {"visual": CodeCounter(model.visual.quantizer.num_codes),
                   "semantic": CodeCounter(model.semantic.quantizer.num_codes)}
-        latents = LatentSample(capacity=max(1, len(records)))
+        latents = LatentSample(capacity=max(1, len(records)), seed=self.seed)  # keeps all
         skipped = []
         for batch in decoded_batches(records, self.crop, self.batch_size, self.decode_workers):
             skipped += [{"shard": task.url, "key": k, "reason": r} for k, r in batch["skipped"]]
@@ -245,8 +247,9 @@ def evaluate_reconstruction(source: str, checkpoint: str, output: str, *,
 
     partial_dir = storage.join(output, "partials")
     settings = {"version": PARTIAL_VERSION, "checkpoint": ckpt.url, "step": ckpt.step,
-                "weights": weights, "with_reference": with_reference, "lpips": [lpips_vgg,
-                lpips_lin], "inception": ref_source["features"]["weights_sha256"]}
+                "weights": weights, "with_reference": with_reference, "seed": seed,
+                "lpips": [lpips_vgg, lpips_lin],
+                "inception": ref_source["features"]["weights_sha256"]}
     tasks = [EvalTask(i, s.url, os.path.splitext(name)[0] + ".npz",
                       plan_digest(**settings, source=s.url, sha256=entry["sha256"],
                                   keep=grid_images if i == 0 else 0),
@@ -263,7 +266,7 @@ def evaluate_reconstruction(source: str, checkpoint: str, output: str, *,
         ReconstructionWorker,
         dict(checkpoint=ckpt.url, ema=ema, batch_size=batch_size, decode_workers=decode_workers,
              with_reference=with_reference, inception_path=inception_path, lpips_vgg=lpips_vgg,
-             lpips_lin=lpips_lin, partial_dir=partial_dir, options=options),
+             lpips_lin=lpips_lin, seed=seed, partial_dir=partial_dir, options=options),
         todo, ray, desc="evaluate", total=shard_set.num_samples,
         initial=sum(r["images"] for r in done.values()), progress=progress)
     done.update({r["name"]: r for r in results})

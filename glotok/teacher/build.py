@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from glotok.data import storage
-from glotok.data.batches import decoded_batches
+from glotok.data.batches import decoded_batches, default_decode_workers
 from glotok.data.receipts import Receipts, plan_digest
 from glotok.data.sources import open_shard_set
 from glotok.data.storage import StorageOptions
@@ -69,8 +69,8 @@ class FeatureWorker(ShardWorker):
         self.extractor = build_feature_extractor(model, **model_kwargs).to(self.device)
         self.crop = CropVariants(("center",), image_size)
         self.batch_size, self.dtype, self.options = batch_size, np.dtype(dtype), options
-        self.decode_workers = decode_workers if decode_workers is not None else (
-            4 if self.device.type == "cuda" else 1)
+        self.decode_workers = (default_decode_workers() if decode_workers is None
+                               else decode_workers)
         self.receipts = Receipts(work_dir, options)
 
     def fetch(self, task: FeatureTask) -> bytes:
