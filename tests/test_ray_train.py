@@ -168,4 +168,19 @@ def test_submit_to_a_ray_head_follow_logs_and_stop(tmp_path, ray_env):
         latest = CheckpointManager(Storage(tmp_path / "submitted/checkpoints"), tmp_path).latest()
         assert latest is not None and latest.step == max(metrics_by_step(tmp_path / "submitted"))
     finally:
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_processes_under(ray_env["GLOTOK_RAY_TMPDIR"], f"127.0.0.1:{port}")
+
+
+def stop_processes_under(temp_dir: str, gcs_address: str) -> None:
+    """Stop this test's Ray head: the processes whose command line names its temp dir or GCS
+    address (not `ray stop`, which would stop every Ray on the machine). SIGTERM, wait, then
+    SIGKILL."""
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.pid != os.getpid() and (temp_dir in cmd or f"--address={gcs_address}" in cmd):
+            procs.append(p)
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
