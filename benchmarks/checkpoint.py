@@ -7,7 +7,7 @@ One run measures, on the same trainer state:
     local write), ``save_s`` = until the checkpoint is committed (manifest written);
   - the baseline, a blocking save (``checkpoint.async_upload=false``): the loop is blocked for
     the whole save, ``stall_sync_s``;
-  - ``resume_s``: a new trainer finding the newest complete checkpoint and loading it.
+  - ``resume_s``: a new trainer loading the newest complete checkpoint (downloaded afresh).
 S3 is moto's S3 server on 127.0.0.1, started and stopped here. Last line: one JSON object.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -90,6 +91,8 @@ def main() -> None:
     resumes = []
     for _ in range(args.repeats):
         t = trainer("bench-async", True)
+        # A cold resume: no local copy left by an earlier repeat.
+        shutil.rmtree(t.checkpoints.staging_dir, ignore_errors=True)
         t0 = time.perf_counter()
         assert t.resume()
         resumes.append(time.perf_counter() - t0)
