@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from glotok.utils.parallel import RayOptions
 from tests.helpers import FAST, REPO, SAMPLE, cli_env, run_cli
 from tests.test_ar_trainer import ar_cfg, write_token_shards
 
@@ -57,16 +56,25 @@ def test_samples_are_class_balanced_in_the_adm_layout_and_resume(trained, tmp_pa
 
 
 def test_generation_report_has_gfid_precision_recall_and_no_invented_is(trained, tmp_path):
+    import json
+
     from glotok.data.sample import sample_photo_paths
     from glotok.data.shards import center_crop_arr, decode_image
-    from glotok.eval.generation import evaluate_generation
 
     assert run_sample(trained, tmp_path / "s").returncode == 0
     ref = np.stack([np.asarray(center_crop_arr(decode_image(open(p.path, "rb").read()), 64))
                     for p in sample_photo_paths()])
     np.savez(tmp_path / "ref.npz", arr_0=ref)
-    report = evaluate_generation(str(tmp_path / "s/samples.npz"), str(tmp_path / "ref.npz"),
-                                 allow_unpinned=True, options=RayOptions(workers=0))
+    evaluate = [sys.executable, "tools/evaluate.py", "--samples", str(tmp_path / "s/samples.npz"),
+                "--reference-batch", str(tmp_path / "ref.npz"), "--output", str(tmp_path / "ev"),
+                "--workers", "0"]
+    r = subprocess.run(evaluate, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2 and "no expected hash is known" in r.stderr  # unpinned: refused
+    r = subprocess.run(evaluate + ["--allow-unpinned-reference"], cwd=REPO, env=cli_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "ev/report.json").read_text())
     assert np.isfinite(report["gfid"]) and report["gfid"] > 0
     assert report["num_samples"] == 10 and report["reference"]["pinned"] is False
     assert report["inception_score"] is None and "IS unavailable" in report["inception_score_note"]

@@ -32,8 +32,19 @@ Outputs (OUTPUT is a directory or s3://bucket/prefix):
   OUTPUT/grid.png      originals and reconstructions side by side (first --grid-images)
   OUTPUT/partials/     per-shard statistics and receipts (resumption)
 
+Generation (--samples): gFID, Inception Score, precision and recall of a generator's samples
+(tools/sample.py's samples.npz, ADM layout) against an ADM reference batch (--reference-batch,
+e.g. VIRTUAL_imagenet256_labeled.npz), pool3 features over Ray workers. The reference is checked
+against its pinned sha256 (--reference-sha256, or the table in glotok/eval/fid.py); an
+unpinned one is refused unless --allow-unpinned-reference, and the report says so. IS needs the
+Inception classifier's logits weights (--inception-logits-weights); without them the report
+says IS is unavailable instead of inventing a number.
+
 Examples:
   python tools/evaluate.py --source sample --checkpoint runs/sample --output runs/sample-eval
+  python tools/evaluate.py --samples runs/far-b/samples/samples.npz \
+      --reference-batch /data/VIRTUAL_imagenet256_labeled.npz --reference-sha256 SHA256 \
+      --output runs/far-b/gen-eval --ray-address auto
   python tools/evaluate.py --source s3://bucket/imagenet/val/manifest.json \\
       --checkpoint s3://bucket/runs/glotok-b --output s3://bucket/evals/glotok-b \\
       --reference /data/fid/imagenet-val-256.npz --ray-address auto
@@ -55,10 +66,10 @@ from glotok.utils.parallel import add_ray_arguments, ray_options_from_args
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True,
+    p.add_argument("--source",
                    help="val shards: 'sample' (the built-in photos), a manifest.json from "
                         "tools/make_shards.py (local or s3://), a directory or a brace pattern")
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint",
                    help="tokenizer run directory (its newest complete checkpoint is used) or a "
                         "checkpoint directory; local or s3://")
     p.add_argument("--output", required=True, help="directory or s3://bucket/prefix for the "
@@ -89,13 +100,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "AWS_ENDPOINT_URL); credentials come from the AWS environment")
     p.add_argument("--profile", help="AWS profile (default: AWS_PROFILE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("generation (instead of reconstruction)")
+    g.add_argument("--samples", help="samples.npz of tools/sample.py (ADM layout)")
+    g.add_argument("--reference-batch", help="ADM reference batch .npz (images and/or mu, sigma)")
+    g.add_argument("--reference-sha256", help="pin the reference batch to this sha256")
+    g.add_argument("--allow-unpinned-reference", action="store_true",
+                   help="use a reference batch with no known hash (the report says so)")
+    g.add_argument("--inception-logits-weights",
+                   help="Inception classifier logits weights (2048x1008, .npy or torch) for IS")
     add_ray_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.samples:
+        if not args.reference_batch:
+            p.error("--samples needs --reference-batch")
+    elif not (args.source and args.checkpoint):
+        p.error("reconstruction needs --source and --checkpoint (or pass --samples)")
+    return args
+
+
+def evaluate_samples(args) -> int:
+    from glotok.eval.generation import evaluate_generation
+    from glotok.utils.storage import Storage
+
+    try:
+        report = evaluate_generation(
+            args.samples, args.reference_batch, expected_sha256=args.reference_sha256,
+            allow_unpinned=args.allow_unpinned_reference,
+            logits_weights=args.inception_logits_weights, inception_path=args.inception,
+            options=ray_options_from_args(args))
+    except ReferenceMismatchError as exc:
+        print(f"evaluate.py: refused: {exc}", file=sys.stderr)
+        return 2
+    Storage(args.output).write_text("report.json", json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("gfid", "inception_score", "precision", "recall")}))
+    print(f"{args.output}/report.json: {report['num_samples']} samples against "
+          f"{report['reference']['path']} (sha256 {report['reference']['sha256'][:16]}..., "
+          f"{'pinned' if report['reference']['pinned'] else 'NOT pinned'})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.samples:
+        return evaluate_samples(args)
     try:
         report = evaluate_reconstruction(
             args.source, args.checkpoint, args.output, reference=args.reference,
