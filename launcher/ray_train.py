@@ -28,24 +28,13 @@ RESULT_FILE = "result.json"
 
 
 def connect(address: Optional[str], cfg: Any) -> None:
-    """Connect to ``address``, or start an embedded single-machine Ray on loopback."""
-    import ray
+    """Connect to ``address``, or start an embedded single-machine Ray on loopback with room
+    for the config's workers, and its dashboard on 127.0.0.1."""
+    from glotok.utils.parallel import connect as connect_ray
 
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    # Embedded: everything on 127.0.0.1 (STACK.md P2), the dashboard too.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     c = cfg.cluster
-    need = c.num_workers * c.cpus_per_worker
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-             include_dashboard=os.environ.get("GLOTOK_RAY_DASHBOARD", "1") != "0",
-             dashboard_host="127.0.0.1",
-             _temp_dir=os.environ.get("GLOTOK_RAY_TMPDIR") or None,
-             log_to_driver=True, configure_logging=False)
+    need = int(c.num_workers * c.cpus_per_worker + 0.999)
+    connect_ray(address, num_cpus=max(os.cpu_count() or 1, need), dashboard=True)
 
 
 def _use_gpu(setting: str) -> bool:

@@ -96,29 +96,6 @@ def ray_options_from_args(args: argparse.Namespace) -> RayOptions:
                       cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
 
 
-def connect(address: Optional[str]) -> None:
-    """Join the Ray cluster at ``address``, or start an embedded one on loopback.
-
-    The embedded Ray binds 127.0.0.1 only, keeps its session files under
-    ``$GLOTOK_RAY_TMPDIR`` when set (a short path: Ray's sockets live there), and starts the
-    dashboard only with ``GLOTOK_RAY_DASHBOARD=1``.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (P2)
-    with _random_agent_port():
-        ray.init(address="local", num_cpus=os.cpu_count() or 1,
-                 include_dashboard=os.environ.get("GLOTOK_RAY_DASHBOARD") == "1",
-                 dashboard_host="127.0.0.1",
-                 _temp_dir=os.environ.get("GLOTOK_RAY_TMPDIR") or None,
-                 log_to_driver=True, configure_logging=False)
-
-
 @contextlib.contextmanager
 def _random_agent_port():
     """Let the embedded Ray's dashboard agent take a free port.
@@ -145,6 +122,33 @@ def _random_agent_port():
         yield
     finally:
         parameter.RayParams.__init__ = original
+
+
+def connect(address: Optional[str], *, num_cpus: Optional[int] = None,
+            dashboard: bool = False) -> None:
+    """Join the Ray cluster at ``address``, or start an embedded one on loopback.
+
+    The embedded Ray binds 127.0.0.1 only (the dashboard too), has ``num_cpus`` CPUs (default:
+    this machine's), keeps its session files under ``$GLOTOK_RAY_TMPDIR`` when set (a short
+    path: Ray's sockets live there), and runs the dashboard when ``dashboard`` is asked for,
+    unless ``GLOTOK_RAY_DASHBOARD=0`` (``=1`` turns it on for every job).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (P2)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    flag = os.environ.get("GLOTOK_RAY_DASHBOARD")
+    with _random_agent_port():
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
+                 include_dashboard=flag == "1" or (dashboard and flag != "0"),
+                 dashboard_host="127.0.0.1",
+                 _temp_dir=os.environ.get("GLOTOK_RAY_TMPDIR") or None,
+                 log_to_driver=True, configure_logging=False)
 
 
 class _WorkerHost:
@@ -189,6 +193,17 @@ def _layout(options: RayOptions, num_tasks: int) -> tuple[int, float, float]:
     return min(n, num_tasks), per_cpu, per_gpu
 
 
+def progress_bar(**kwargs):
+    """A tqdm bar with throughput; off a terminal (a Ray job's log) one line every 30 s."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(unit_scale=True, dynamic_ncols=tty, smoothing=0.1,
+                mininterval=0.5 if tty else 30.0, **kwargs)
+
+
 def run_shard_tasks(worker_cls: type, worker_kwargs: dict, tasks: Sequence[Any],
                     options: RayOptions = RayOptions(), *, desc: str, total: Optional[int] = None,
                     initial: int = 0, count: Callable[[dict], int] = lambda r: r["images"],
@@ -207,11 +222,8 @@ def run_shard_tasks(worker_cls: type, worker_kwargs: dict, tasks: Sequence[Any],
         The first exception a task raised, as its own type (outputs committed before it stay
         committed: re-running the job resumes after them).
     """
-    from tqdm import tqdm
-
     results: list[Optional[dict]] = [None] * len(tasks)
-    bar = tqdm(total=total, initial=initial, desc=desc, unit="img", unit_scale=True,
-               dynamic_ncols=True, disable=not progress or None, smoothing=0.1)
+    bar = progress_bar(total=total, initial=initial, desc=desc, unit="img", disable=not progress)
     done = [0]
 
     def finished(index: int, result: dict) -> None:
