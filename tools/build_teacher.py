@@ -30,6 +30,9 @@ Outputs:
 Resuming: re-run the same command after a kill; shards whose features are complete are skipped.
 On a cluster, --work-dir must be shared storage (s3://... or a shared file system).
 
+Progress: a bar of images done and images/s (on a terminal; in a job's log one line every 30 s;
+--no-progress turns it off).
+
 Examples:
   python tools/build_teacher.py --source sample --model efficientnet_lite0 --k 128 \\
       --output runs/teacher-sample.json

@@ -40,6 +40,9 @@ unpinned one is refused unless --allow-unpinned-reference, and the report says s
 Inception classifier's logits weights (--inception-logits-weights); without them the report
 says IS is unavailable instead of inventing a number.
 
+Progress: a bar of images done and images/s (on a terminal; in a job's log one line every 30 s;
+--no-progress turns it off).
+
 Examples:
   python tools/evaluate.py --source sample --checkpoint runs/sample --output runs/sample-eval
   python tools/evaluate.py --samples runs/far-b/samples/samples.npz \

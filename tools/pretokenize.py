@@ -31,6 +31,9 @@ the plan, size matches; with --verify also sha256 and record count) are skipped,
 rewritten whole, and the manifest is written when all are done: exactly one record per image
 and variant. Changing the checkpoint, variants or crops redoes every shard.
 
+Progress: a bar of images done and images/s (on a terminal; in a job's log one line every 30 s;
+--no-progress turns it off).
+
 Examples:
   python tools/pretokenize.py --source sample --checkpoint runs/sample --output runs/sample-tokens
   python tools/pretokenize.py --source s3://bucket/imagenet/train/manifest.json \\

@@ -8,7 +8,7 @@ reconstructs them (``decode(encode(x))``) and publishes a *partial*
 
     keys (n,) str                  the samples, in shard order
     recon_feats (n, 2048) float32  pool3 of the reconstructions
-    ref_feats (n, 2048) float32    pool3 of the originals (only while the reference is computed)
+    ref_feats (n, 2048) float32    pool3 of the originals (when the reference is computed)
     psnr, ssim (n,) float64        per image, on 8-bit pixels; lpips (n,) when available
     counts_visual (Kv,), counts_semantic (Ks,) int64   code counts
     latent_ids (n,) int64, latent_vectors (n, C) float32   one semantic-latent vector per image
@@ -152,6 +152,7 @@ class ReconstructionWorker(ShardWorker):
         np.savez(buf, **output["arrays"])
         return self.receipts.publish(task.name, buf.getvalue(), task.digest, source=task.url,
                                      images=len(output["arrays"]["keys"]),
+                                     with_reference=self.with_reference,
                                      skipped=output["skipped"])
 
 
@@ -247,7 +248,7 @@ def evaluate_reconstruction(source: str, checkpoint: str, output: str, *,
 
     partial_dir = storage.join(output, "partials")
     settings = {"version": PARTIAL_VERSION, "checkpoint": ckpt.url, "step": ckpt.step,
-                "weights": weights, "with_reference": with_reference, "seed": seed,
+                "weights": weights, "seed": seed,
                 "lpips": [lpips_vgg, lpips_lin],
                 "inception": ref_source["features"]["weights_sha256"]}
     tasks = [EvalTask(i, s.url, os.path.splitext(name)[0] + ".npz",
@@ -258,6 +259,8 @@ def evaluate_reconstruction(source: str, checkpoint: str, output: str, *,
                                                       ref_source["shards"]))]
     receipts = Receipts(partial_dir, options)
     done = receipts.completed({t.name: t.digest for t in tasks}, verify)
+    if with_reference:  # partials of a pass that had the reference lack the originals' features
+        done = {n: r for n, r in done.items() if r["with_reference"]}
     receipts.remove_stale({t.name for t in tasks}, suffix=".npz")
     todo = [t for t in tasks if t.name not in done]
     logger.info("%s: %d val shards, %d already evaluated, %d to do", shard_set.source,

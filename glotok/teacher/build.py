@@ -41,7 +41,7 @@ from glotok.data.variants import CropVariants
 from glotok.data.wds import DamagedShardError, iter_records
 from glotok.losses.histogram import soft_histogram
 from glotok.losses.teacher import TeacherHistogram, build_teacher, kmeans, teacher_from_codebook
-from glotok.utils.parallel import RayOptions, ShardWorker, run_shard_tasks
+from glotok.utils.parallel import RayOptions, ShardWorker, progress_bar, run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,8 @@ def minibatch_kmeans(chunks, centroids: torch.Tensor, *, epochs: int, batch_size
 def cluster_features(work_dir: str, receipts: list[dict], k: int, *, seed: int = 0,
                      init_sample: int = 262_144, epochs: int = 2, batch_size: int = 16_384,
                      options: StorageOptions = StorageOptions(),
-                     device: Optional[torch.device] = None) -> tuple[torch.Tensor, dict]:
+                     device: Optional[torch.device] = None,
+                     progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Pass 2: (k, d) unit-norm centroids of all feature vectors, and how they were found."""
     device = device or _device()
     total = sum(r["vectors"] for r in receipts)
@@ -201,11 +202,17 @@ def cluster_features(work_dir: str, receipts: list[dict], k: int, *, seed: int =
     logger.info("k-means: initial %d centroids from %d of %d vectors; %d mini-batch epochs",
                 k, sum(s.shape[0] for s in sample), total, epochs)
 
+    bar = progress_bar(total=total * epochs, desc="mini-batch k-means", unit="vec",
+                       disable=not progress)
+
     def chunks():
         order = torch.randperm(len(receipts), generator=torch.Generator().manual_seed(seed))
-        return (_load(work_dir, receipts[i], options) for i in order.tolist())
+        for i in order.tolist():
+            yield _load(work_dir, receipts[i], options)
+            bar.update(receipts[i]["vectors"])  # counted when the next file is asked for
 
-    c = minibatch_kmeans(chunks, init, epochs=epochs, batch_size=batch_size, seed=seed)
+    with bar:
+        c = minibatch_kmeans(chunks, init, epochs=epochs, batch_size=batch_size, seed=seed)
     return c, {**info, "method": "minibatch", "epochs": epochs, "batch_size": batch_size}
 
 
@@ -229,7 +236,7 @@ def teacher_from_features(source: str, output: str, *, model: str, model_kwargs:
                                 dtype=feature_dtype, options=options, ray=ray, progress=progress)
     centroids, info = cluster_features(work_dir, receipts, k, seed=seed, init_sample=init_sample,
                                        epochs=epochs, batch_size=kmeans_batch_size,
-                                       options=options)
+                                       options=options, progress=progress)
     extractor = receipts[0]["extractor"]
     shard_set = open_shard_set(source, options)
     provenance = {
