@@ -138,7 +138,7 @@ def main() -> None:
             assert manifest["num_records"] == n, (manifest["num_records"], n)
             piped = max(piped, n / seconds)
             print(f"pass {r}: {n} images ({len(images)} photos x {len(variants)} variants): "
-                  f"bare forward {bare:.1f} img/s, pretokenize {n / seconds:.1f} img/s")
+                  f"bare forward {bare:.2f} img/s, pretokenize {n / seconds:.2f} img/s")
 
     print(f"{args.config}, {torch.get_num_threads()} torch threads, batch {args.batch_size}, "
           f"{args.decode_workers} decode process(es), best of {args.repeats}")
