@@ -122,7 +122,9 @@ def sample_tokenizer(sample_shards) -> Path:
                f"run.output_dir={out}", "run.name=tok", "train.max_steps=3", "checkpoint.every=3",
                "data.batch_size=4", "train.image_every=0", "run.wandb=disabled",
                "data.num_workers=1", "--no-ray"]
+        from tests.helpers import cli_env
+
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env=cli_env())
         assert proc.returncode == 0, f"training the sample tokenizer failed:\n{proc.stderr[-3000:]}"
     return run

@@ -20,8 +20,14 @@ def glotok_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher.cli", *args]
 
 
+# Set in this process by in-process trainer tests (a world of one); a child must not inherit
+# them, or it would join this process's group instead of starting its own.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def cli_env(**extra: str) -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOTOK_RAY_DASHBOARD="0")
     env.update(extra)
     return env
