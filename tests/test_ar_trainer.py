@@ -114,3 +114,27 @@ def test_far_resume_continues_exactly_like_the_uninterrupted_run(tokens, tmp_pat
     sa, sb = full.engine.module.state_dict(), resumed.engine.module.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert all(torch.equal(full.ema.shadow[k], resumed.ema.shadow[k]) for k in full.ema.shadow)
+
+
+@pytest.mark.slow
+def test_far_killed_mid_save_resumes_and_ends_like_the_uninterrupted_run(tokens, tmp_path):
+    # The distributed issue's harness on the AR trainer: the process dies in the middle of the
+    # step-6 save (the step-3 checkpoint stays the latest); re-running the command resumes.
+    from tests.helpers import run_cli
+
+    args = ["train", str(REPO / "configs/ar/sample.yaml"), f"data.source={tokens}",
+            f"run.output_dir={tmp_path}", "run.wandb=disabled", "train.log_every=1",
+            "data.global_batch_size=8", "train.max_steps=8", "checkpoint.every=3", "--no-ray"]
+    clean = run_cli(*args, "run.name=clean")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    killed = run_cli(*args, "run.name=killed", GLOTOK_FAULT="after_first_upload@6")
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    resumed = run_cli(*args, "run.name=killed")
+    assert resumed.returncode == 0 and "at step 3" in resumed.stderr, resumed.stderr[-3000:]
+    a, b = metrics_by_step(tmp_path / "clean"), metrics_by_step(tmp_path / "killed")
+    assert [b[s]["loss/total"] for s in range(4, 9)] == [a[s]["loss/total"] for s in range(4, 9)]
+    wa = torch.load(tmp_path / "clean/checkpoints/step_00000008/model/state/mp_rank_00_model_states.pt",
+                    weights_only=True)["module"]
+    wb = torch.load(tmp_path / "killed/checkpoints/step_00000008/model/state/mp_rank_00_model_states.pt",
+                    weights_only=True)["module"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
