@@ -160,7 +160,9 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """The training loop's settings, the same for every trainer (glotok.train.base)."""
+
     max_steps: int = 1000
     seed: int = 0
     zero_stage: int = 1
@@ -168,6 +170,10 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.9999
     log_every: int = 10
+
+
+@dataclass
+class TrainConfig(LoopConfig):
     image_every: int = 500  # reconstruction grid to wandb and the run directory
 
 
@@ -379,17 +385,8 @@ def _validate_tokenizer(cfg: Any) -> None:
     _require(d.read_ahead >= 0, "data.read_ahead", "must be >= 0 (0 = fetch when needed)")
     _require(d.retries >= 0 and d.retry_backoff >= 0, "data.retries",
              "data.retries and data.retry_backoff must be >= 0")
-    _require(o.lr > 0, "optim.lr", "must be > 0")
     _require(o.disc_lr is None or o.disc_lr > 0, "optim.disc_lr", "must be > 0 or null")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
-             "must be two numbers in [0, 1)")
-    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
-    _require(t.max_steps >= 1, "train.max_steps", "must be >= 1")
-    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0-3, got {t.zero_stage}")
-    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision",
-             f"'{t.precision}' is not one of auto, fp32, bf16")
-    _require(0 < t.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
-    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    validate_optim_and_loop(o, t)
     _require(t.image_every >= 0, "train.image_every", "must be >= 0 (0 = off)")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -399,6 +396,21 @@ def _validate_tokenizer(cfg: Any) -> None:
              f"'{cfg.run.wandb}' is not one of auto, online, offline, disabled")
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name",
              "must be a non-empty name without '/'")
+
+
+def validate_optim_and_loop(o: Any, t: Any) -> None:
+    """The optimiser and loop settings every trainer has (``optim.*``, ``train.*``)."""
+    _require(o.lr > 0, "optim.lr", "must be > 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             "must be two numbers in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+    _require(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0-3, got {t.zero_stage}")
+    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision",
+             f"'{t.precision}' is not one of auto, fp32, bf16")
+    _require(0 < t.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
 
 
 def _validate_lpips_weights(p: Any) -> None:

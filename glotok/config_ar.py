@@ -15,8 +15,9 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from glotok.config import (CheckpointConfig, ClusterConfig, ConfigError, RunConfig,
-                           ShardReadConfig, _validate_cluster, load_config)
+from glotok.config import (CheckpointConfig, ClusterConfig, ConfigError, LoopConfig, RunConfig,
+                           ShardReadConfig, _validate_cluster, load_config,
+                           validate_optim_and_loop)
 
 
 @dataclass
@@ -72,14 +73,8 @@ class AROptimConfig:
 
 
 @dataclass
-class ARTrainConfig:
-    max_steps: int = 1000
-    seed: int = 0
-    zero_stage: int = 1
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or "fp32" / "bf16"
-    ema: bool = False
-    ema_decay: float = 0.9999
-    log_every: int = 10
+class ARTrainConfig(LoopConfig):
+    """The shared loop settings; the AR trainer has no image grids."""
 
 
 @dataclass
@@ -138,17 +133,7 @@ def validate_ar(cfg: Any) -> None:
     _require(d.global_batch_size >= 1, "data.global_batch_size", "must be >= 1")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 = no shuffling)")
-    _require(o.lr > 0, "optim.lr", "must be > 0")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
-             "must be two numbers in [0, 1)")
-    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
-    _require(t.max_steps >= 1, "train.max_steps", "must be >= 1")
-    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0-3, got {t.zero_stage}")
-    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision",
-             f"'{t.precision}' is not one of auto, fp32, bf16")
-    _require(0 < t.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
-    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    validate_optim_and_loop(o, t)
     _require(s.cfg_scale is None or s.cfg_scale >= 0, "sample.cfg_scale",
              "must be >= 0, or null for no guidance")
     _require(s.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
